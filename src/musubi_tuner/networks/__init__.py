@@ -1,0 +1,1 @@
+"""LoRA networks for the Qwen-Image DiT and LoRA file formats."""

@@ -1,0 +1,1 @@
+"""Qwen-Image family specifics: versions, loaders, text encoding, latents and the sampler."""

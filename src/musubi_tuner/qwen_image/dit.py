@@ -1,0 +1,135 @@
+"""Loading the Qwen-Image DiT (diffusers `QwenImageTransformer2DModel`) from every published weight layout.
+
+Layouts: diffusers (single file, `-0000N-of-0000M` shards given by the first shard or the folder, with or without
+config.json) and ComfyUI single files (bare keys or the `model.diffusion_model.` prefix). The config is inferred from
+tensor shapes, so pruned and tiny checkpoints load; the model version switches the flags the weights cannot show.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import QwenImageTransformer2DModel
+
+from ..errors import UserError
+from .versions import ModelVersion
+from .weights import load_tensors, read_header, refuse_fp8, resolve_files
+
+logger = logging.getLogger(__name__)
+
+COMFY_PREFIX = "model.diffusion_model."
+ZERO_COND_MARKER = "__index_timestep_zero__"  # ComfyUI Edit-2511 files carry this key
+ADDITIONAL_T_KEY = "time_text_embed.addition_t_embedding.weight"
+BF16_FILE_HINT = {
+    "original": "split_files/diffusion_models/qwen_image_bf16.safetensors (Comfy-Org/Qwen-Image_ComfyUI)",
+    "edit": "split_files/diffusion_models/qwen_image_edit_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
+    "edit-2509": "split_files/diffusion_models/qwen_image_edit_2509_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
+    "edit-2511": "split_files/diffusion_models/qwen_image_edit_2511_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
+    "layered": "split_files/diffusion_models/qwen_image_layered_bf16.safetensors (Comfy-Org/Qwen-Image-Layered_ComfyUI)",
+}
+
+
+def default_axes_dims_rope(head_dim: int) -> tuple[int, int, int]:
+    """(16, 56, 56) for the real head_dim 128; the same 1/8 : 7/16 : 7/16 split for smaller heads."""
+    t = head_dim // 8
+    hw = (head_dim - t) // 2
+    if t % 2 or hw % 2 or t + 2 * hw != head_dim:
+        raise UserError(f"cannot infer rope axes for attention head_dim {head_dim}; put a config.json beside the DiT file")
+    return (t, hw, hw)
+
+
+def strip_prefix(key: str) -> str | None:
+    if key == ZERO_COND_MARKER:
+        return None
+    return key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key
+
+
+def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Everything QwenImageTransformer2DModel needs that the tensor shapes determine."""
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+    inner, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    patch_out = shapes["proj_out.weight"][0]
+    patch_size = 2
+    return dict(
+        patch_size=patch_size,
+        in_channels=in_channels,
+        out_channels=patch_out // (patch_size * patch_size),
+        num_layers=max(blocks) + 1,
+        attention_head_dim=head_dim,
+        num_attention_heads=inner // head_dim,
+        joint_attention_dim=shapes["txt_in.weight"][1],
+        axes_dims_rope=default_axes_dims_rope(head_dim),
+        use_additional_t_cond=ADDITIONAL_T_KEY in shapes,
+    )
+
+
+def _find_config_json(files: list[Path]) -> dict | None:
+    cfg = files[0].parent / "config.json"
+    if cfg.exists():
+        try:
+            data = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{cfg}: invalid JSON ({e})") from None
+        if data.get("_class_name", "QwenImageTransformer2DModel") == "QwenImageTransformer2DModel":
+            return data
+    return None
+
+
+def load_dit(
+    path: str | os.PathLike,
+    version: ModelVersion,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    disable_mmap: bool = False,
+    option: str = "--dit",
+) -> QwenImageTransformer2DModel:
+    files = resolve_files(path, option, subfolder="transformer")
+    raw_shapes, dtypes, _ = read_header(files)
+    shapes = {sk: v for k, v in raw_shapes.items() if (sk := strip_prefix(k)) is not None}
+    if "img_in.weight" not in shapes or not any(k.startswith("transformer_blocks.0.") for k in shapes):
+        raise UserError(
+            f"{option}: {files[0]} is not a Qwen-Image DiT (no img_in / transformer_blocks.* keys; is it a VAE or a "
+            f"text encoder?). Pass the diffusion model file, e.g. {BF16_FILE_HINT[version.name].split(' ')[0]}"
+        )
+    refuse_fp8(files, dtypes, option, BF16_FILE_HINT[version.name])
+
+    config = infer_dit_config(shapes)
+    file_cfg = _find_config_json(files)
+    if file_cfg:
+        for k in ("axes_dims_rope", "guidance_embeds"):
+            if k in file_cfg:
+                config[k] = tuple(file_cfg[k]) if k == "axes_dims_rope" else file_cfg[k]
+    if config["use_additional_t_cond"] != version.additional_t_cond:
+        if version.additional_t_cond:
+            raise UserError(f"{option}: {files[0]} has no {ADDITIONAL_T_KEY}; it is not a Qwen-Image-Layered DiT. "
+                            "Pass the layered DiT or another --model_version")
+        raise UserError(f"{option}: {files[0]} is a Qwen-Image-Layered DiT; pass --model_version layered")
+    if ZERO_COND_MARKER in raw_shapes and not version.zero_cond_t:
+        logger.warning("%s carries the Edit-2511 marker key but --model_version is %s; did you mean edit-2511?",
+                       files[0], version.name)
+    config["zero_cond_t"] = version.zero_cond_t
+    config["use_layer3d_rope"] = version.layer3d_rope
+
+    with init_empty_weights():
+        model = QwenImageTransformer2DModel(**config)
+    state = load_tensors(files, dtype, device, key_map=strip_prefix, disable_mmap=disable_mmap)
+    expected = set(model.state_dict().keys())
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise UserError(
+            f"{option}: {files[0]} does not match the Qwen-Image DiT layout "
+            f"(missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {sorted(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    logger.info("loaded DiT %s: %d blocks, %d heads x %d, %.2f B params, %s",
+                files[0].name, config["num_layers"], config["num_attention_heads"], config["attention_head_dim"],
+                sum(p.numel() for p in model.parameters()) / 1e9, dtype)
+    return model

@@ -1,0 +1,193 @@
+"""Qwen2.5-VL text encoder: loading (ComfyUI single file or transformers folder), tokenizer, prompt templates and
+prompt encoding into the DiT's `encoder_hidden_states`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from ..errors import UserError
+from .versions import ModelVersion
+from .weights import load_tensors, read_header, refuse_fp8, resolve_files
+
+logger = logging.getLogger(__name__)
+
+HUB_TOKENIZER = ("Qwen/Qwen-Image", "tokenizer")
+HUB_PROCESSOR = ("Qwen/Qwen-Image-Edit", "processor")
+TE_FILE_HINT = "split_files/text_encoders/qwen_2.5_vl_7b.safetensors (Comfy-Org/Qwen-Image_ComfyUI)"
+
+_EDIT_SYSTEM = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
+    "then explain how the user's text instruction should alter or modify the image. Generate a new image that meets the "
+    "user's requirements while maintaining consistency with the original input where appropriate.<|im_end|>\n"
+)
+TEMPLATES = {
+    "t2i": (
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+        "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "edit": _EDIT_SYSTEM + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n",
+    "edit_plus": _EDIT_SYSTEM + "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+}
+DROP_IDX = {"t2i": 34, "edit": 64, "edit_plus": 64}
+MAX_TOKENS = 1024  # after the drop
+PLUS_IMAGE_PREFIX = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+
+def format_prompt(template: str, prompt: str, num_images: int = 0) -> str:
+    if template == "edit_plus":
+        prompt = "".join(PLUS_IMAGE_PREFIX.format(i + 1) for i in range(num_images)) + prompt
+    return TEMPLATES[template].format(prompt)
+
+
+# 7B defaults; the loader overrides what tensor shapes determine (so pruned or tiny files load too)
+TEXT_HEAD_DIM = 128
+VISION_HEAD_DIM = 80
+
+
+def infer_te_config(shapes: dict[str, tuple[int, ...]]) -> Qwen2_5_VLConfig:
+    layers = {int(k.split(".")[3]) for k in shapes if k.startswith("model.language_model.layers.")}
+    vblocks = {int(k.split(".")[3]) for k in shapes if k.startswith("model.visual.blocks.")}
+    vocab, hidden = shapes["model.language_model.embed_tokens.weight"]
+    kv = shapes["model.language_model.layers.0.self_attn.k_proj.weight"][0]
+    text = dict(
+        hidden_size=hidden,
+        vocab_size=vocab,
+        num_hidden_layers=max(layers) + 1,
+        intermediate_size=shapes["model.language_model.layers.0.mlp.gate_proj.weight"][0],
+        num_attention_heads=hidden // TEXT_HEAD_DIM,
+        num_key_value_heads=kv // TEXT_HEAD_DIM,
+        max_position_embeddings=128000,
+        rope_theta=1000000.0,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        rms_norm_eps=1e-6,
+    )
+    vision = {}
+    if vblocks:
+        vhidden = shapes["model.visual.patch_embed.proj.weight"][0]
+        depth = max(vblocks) + 1
+        vision = dict(
+            depth=depth,
+            hidden_size=vhidden,
+            intermediate_size=shapes["model.visual.blocks.0.mlp.gate_proj.weight"][0],
+            num_heads=vhidden // VISION_HEAD_DIM,
+            out_hidden_size=shapes["model.visual.merger.mlp.2.weight"][0],
+            fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < depth] or [depth - 1],
+        )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
+
+
+def _comfy_key(k: str) -> str | None:
+    """ComfyUI / original Qwen2.5-VL single-file names -> transformers 5 names."""
+    if k.startswith("model.language_model.") or k.startswith("model.visual."):
+        return k
+    if k.startswith("model."):
+        return "model.language_model." + k[len("model."):]
+    if k.startswith("visual."):
+        return "model." + k
+    if k.startswith("lm_head."):
+        return k
+    return None
+
+
+def load_text_encoder(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    option: str = "--text_encoder",
+) -> Qwen2_5_VLForConditionalGeneration:
+    p = Path(path)
+    files = resolve_files(p, option, subfolder="text_encoder")
+    cfg_dir = files[0].parent
+    raw_shapes, dtypes, _ = read_header(files)
+    shapes = {nk: v for k, v in raw_shapes.items() if (nk := _comfy_key(k)) is not None}
+    if "model.language_model.embed_tokens.weight" not in shapes:
+        raise UserError(f"{option}: {files[0]} is not a Qwen2.5-VL text encoder (no model.embed_tokens / "
+                        f"model.language_model.embed_tokens key); pass {TE_FILE_HINT}")
+    refuse_fp8(files, dtypes, option, TE_FILE_HINT + " (use --fp8_vl to run it in fp8)")
+    if (cfg_dir / "config.json").exists():
+        config = Qwen2_5_VLConfig.from_pretrained(cfg_dir)
+    else:
+        config = infer_te_config(shapes)
+    with init_empty_weights():
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    state = load_tensors(files, dtype, device, key_map=_comfy_key)
+    if "lm_head.weight" not in state:  # tied or stripped: the encoder output does not use it
+        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+    missing = set(model.state_dict().keys()) - state.keys()
+    if missing:
+        raise UserError(f"{option}: {files[0]} is missing {len(missing)} Qwen2.5-VL tensors (e.g. {sorted(missing)[0]})")
+    model.load_state_dict(state, assign=True, strict=False)
+    model.eval().requires_grad_(False)
+    logger.info("loaded text encoder %s (%d layers, hidden %d)", files[0].name, config.text_config.num_hidden_layers,
+                config.text_config.hidden_size)
+    return model
+
+
+def load_tokenizer(tokenizer: str | None, text_encoder: str | None = None):
+    """--tokenizer PATH, else tokenizer files beside/inside the text encoder, else the hub id of FACTS.md."""
+    candidates = []
+    if tokenizer:
+        candidates.append(Path(tokenizer))
+    elif text_encoder:
+        te = Path(text_encoder)
+        te_dir = te if te.is_dir() else te.parent
+        candidates += [te_dir, te_dir / "tokenizer", te_dir.parent / "tokenizer"]
+    for c in candidates:
+        if c.is_dir() and ((c / "tokenizer.json").exists() or (c / "vocab.json").exists()):
+            return AutoTokenizer.from_pretrained(str(c))
+        if c.is_dir() and (c / "tokenizer").is_dir():
+            return AutoTokenizer.from_pretrained(str(c / "tokenizer"))
+    if tokenizer:
+        raise UserError(f"--tokenizer: {tokenizer} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    repo, sub = HUB_TOKENIZER
+    try:
+        return AutoTokenizer.from_pretrained(repo, subfolder=sub)
+    except Exception as e:
+        raise UserError(
+            f"cannot load the tokenizer from the hub ({repo}, subfolder {sub}): {type(e).__name__}. When offline, "
+            f"download that folder once and pass --tokenizer /path/to/tokenizer"
+        ) from None
+
+
+@torch.no_grad()
+def encode_prompts(
+    text_encoder: Qwen2_5_VLForConditionalGeneration,
+    tokenizer,
+    prompts: list[str],
+    template: str = "t2i",
+    device: torch.device | str | None = None,
+) -> list[torch.Tensor]:
+    """Text-only prompts -> one (L_i, hidden) tensor each: last hidden state (post final norm), template tokens
+    dropped, at most MAX_TOKENS tokens."""
+    device = device or text_encoder.device
+    drop = DROP_IDX[template]
+    texts = [format_prompt(template, p) for p in prompts]
+    tok = tokenizer(texts, max_length=MAX_TOKENS + drop, padding=True, truncation=True, return_tensors="pt").to(device)
+    out = text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask, output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    mask = tok.attention_mask.bool()
+    return [h[m][drop:][:MAX_TOKENS] for h, m in zip(hidden, mask)]
+
+
+def pad_embeds(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Right-pad to a batch; the mask is None when nothing was padded (the fast, mask-free attention path)."""
+    n = max(e.shape[0] for e in embeds)
+    batch = torch.stack([torch.cat([e, e.new_zeros(n - e.shape[0], e.shape[1])]) for e in embeds])
+    mask = torch.stack([torch.arange(n, device=e.device) < e.shape[0] for e in embeds]).long()
+    return batch, (None if bool(mask.all()) else mask)
+
+
+def to_comfy_key(k: str) -> str:
+    """transformers 5 names -> the ComfyUI single-file names (`model.*`, `visual.*`, `lm_head.*`)."""
+    if k.startswith("model.language_model."):
+        return "model." + k[len("model.language_model."):]
+    if k.startswith("model.visual."):
+        return k[len("model."):]
+    return k

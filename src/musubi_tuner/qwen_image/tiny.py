@@ -1,0 +1,94 @@
+"""A tiny Qwen-Image family (same architectures as the real models, a few MB of random weights).
+
+It is the project's embedded default model (no download needed) and the fixture of the tests: every loader,
+the sampler and the trainer run on it exactly as on the 20B model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from .dit import default_axes_dims_rope
+from .text_encoder import to_comfy_key
+from .versions import VERSIONS, ModelVersion
+from ..fileio import save_safetensors
+
+TEXT_HIDDEN = 256
+TINY_DIT = dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN,
+                in_channels=64, out_channels=16, axes_dims_rope=default_axes_dims_rope(32))
+TINY_VAE = dict(base_dim=8, z_dim=16)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_dit(version: ModelVersion = VERSIONS["original"], seed: int = 0) -> QwenImageTransformer2DModel:
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(**TINY_DIT, zero_cond_t=version.zero_cond_t,
+                                       use_additional_t_cond=version.additional_t_cond,
+                                       use_layer3d_rope=version.layer3d_rope).eval()
+
+
+def tiny_vae(channels: int = 3, seed: int = 0) -> AutoencoderKLQwenImage:
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(**TINY_VAE, input_channels=channels).eval()
+
+
+def tiny_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level BPE with no merges (one token per byte) plus the Qwen special tokens: works offline."""
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    for t in SPECIAL_TOKENS:
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    return tok
+
+
+def tiny_text_encoder_config(tokenizer) -> Qwen2_5_VLConfig:
+    ids = dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=TEXT_HIDDEN, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rms_norm_eps=1e-6,
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=2, hidden_size=160, intermediate_size=320, num_heads=2, out_hidden_size=TEXT_HIDDEN,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def tiny_text_encoder(tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(tiny_text_encoder_config(tokenizer)).eval()
+
+
+def write_tiny_models(folder: str | Path, version: ModelVersion = VERSIONS["original"], seed: int = 0) -> dict[str, Path]:
+    """Write a complete tiny model set in the ComfyUI single-file layouts users download; return the paths.
+
+    The text-encoder folder also holds the tokenizer and config.json, as a transformers folder would.
+    """
+    folder = Path(folder)
+    paths = {
+        "dit": folder / f"tiny_qwen_image_{version.name}_dit.safetensors",
+        "vae": folder / f"tiny_qwen_image_vae_{version.vae_channels}ch.safetensors",
+        "text_encoder": folder / "text_encoder" / "tiny_qwen_2.5_vl.safetensors",
+        "tokenizer": folder / "text_encoder",
+    }
+    if all(p.exists() for p in paths.values()):
+        return paths
+    save_safetensors(tiny_dit(version, seed).state_dict(), paths["dit"])
+    save_safetensors(tiny_vae(version.vae_channels, seed).state_dict(), paths["vae"])
+    tok = tiny_tokenizer()
+    te = tiny_text_encoder(tok, seed)
+    sd = {to_comfy_key(k): v for k, v in te.state_dict().items()}
+    sd.pop("lm_head.weight", None)  # like the ComfyUI file: not needed for encoding
+    save_safetensors(sd, paths["text_encoder"])
+    tok.save_pretrained(paths["tokenizer"])
+    te.config.save_pretrained(paths["tokenizer"])
+    return paths

@@ -1,0 +1,120 @@
+"""safetensors files: locate (single, sharded, folder), inspect, load into a dtype/device, save atomically.
+
+Only safetensors are read: no pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+from ..errors import UserError
+
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.safetensors$")
+FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
+FP8_MARKER_KEYS = ("scaled_fp8", "weight_scale", "scale_weight", "input_scale", "comfy_quant")
+
+
+def resolve_files(path: str | os.PathLike, option: str, subfolder: str | None = None) -> list[Path]:
+    """The safetensors files behind --option PATH: one file, every shard of a sharded set, or a folder's files."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{option}: file not found: {p}")
+    if p.is_dir():
+        if subfolder and (p / subfolder).is_dir() and not list(p.glob("*.safetensors")):
+            p = p / subfolder
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{option}: no .safetensors files in folder {p}")
+        return files
+    if p.suffix != ".safetensors":
+        raise UserError(f"{option}: {p} is not a .safetensors file (pickled .bin/.pt/.ckpt files are not loaded; convert it)")
+    m = SHARD_RE.match(p.name)
+    if not m:
+        return [p]
+    total = int(m["total"])
+    files = [p.with_name(f"{m['stem']}-{i:05d}-of-{total:05d}.safetensors") for i in range(1, total + 1)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"{option}: sharded checkpoint {p} is incomplete, missing {', '.join(missing)}")
+    return files
+
+
+def read_header(files: Iterable[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype], dict[str, str]]:
+    """Key -> shape and key -> dtype for all files, plus the first file's metadata, without reading tensor data."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                metadata = metadata or (sf.metadata() or {})
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    shapes[k] = tuple(sl.get_shape())
+                    dtypes[k] = _DTYPES.get(sl.get_dtype(), torch.float32)
+        except UserError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise UserError(f"cannot read {f}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+    return shapes, dtypes, metadata
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+
+def refuse_fp8(files: list[Path], dtypes: dict[str, torch.dtype], option: str, instead: str) -> None:
+    """Files that are already quantised to fp8 lose precision we cannot recover; ask for the bf16 file."""
+    fp8 = [k for k, d in dtypes.items() if d in FP8_DTYPES]
+    marker = [k for k in dtypes if any(k.endswith(m) or k == m for m in FP8_MARKER_KEYS)]
+    if fp8 or marker:
+        raise UserError(
+            f"{option}: {files[0]} is already fp8-quantised (fp8_scaled / fp8_e4m3fn / fp8mixed), which cannot be used; "
+            f"download {instead} instead (use --fp8_base/--fp8_scaled to quantise at load time)"
+        )
+
+
+def load_tensors(
+    files: list[Path],
+    dtype: torch.dtype | None,
+    device: str | torch.device = "cpu",
+    key_map: Callable[[str], str | None] = lambda k: k,
+    disable_mmap: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Read every tensor, rename it with key_map (None drops it) and convert it straight to dtype/device.
+
+    Floating tensors are converted to `dtype` one at a time, so peak memory stays near one converted copy.
+    With disable_mmap the file is read with plain reads instead of being memory-mapped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if disable_mmap:
+            from safetensors.torch import load as load_bytes
+
+            with open(f, "rb") as fh:
+                data = load_bytes(fh.read())
+            items = data.items()
+        else:
+            sf = safe_open(str(f), framework="pt", device="cpu")
+            items = ((k, None) for k in sf.keys())
+        for k, t in items:
+            nk = key_map(k)
+            if nk is None:
+                continue
+            if t is None:
+                t = sf.get_tensor(k)
+            if dtype is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
+                t = t.to(device=device, dtype=dtype)
+            else:
+                t = t.to(device=device)
+            out[nk] = t
+    return out

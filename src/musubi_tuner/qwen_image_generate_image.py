@@ -1,0 +1,83 @@
+"""Generate images with Qwen-Image (text-to-image). Run `python src/musubi_tuner/qwen_image_generate_image.py --help`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: import the package from src/, not this folder's siblings
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from musubi_tuner import cli_options as opts  # noqa: E402
+from musubi_tuner.errors import cli_main  # noqa: E402
+from musubi_tuner.qwen_image.generate import ATTN_BACKENDS  # noqa: E402
+
+LATER = {
+    "fp8_scaled": "fp8 weights are not implemented yet; run without it (more VRAM)",
+    "fp8_vl": "the fp8 text encoder is not implemented yet; use --text_encoder_cpu to save VRAM",
+    "blocks_to_swap": "block swapping is not implemented yet",
+    "control_image_path": "edit / layered generation is not implemented yet",
+    "mask_path": "inpainting is not implemented yet",
+    "rcm_threshold": "the Reference Consistency Mask is not implemented yet",
+    "output_layers": "layered generation is not implemented yet",
+    "resize_control_to_official_size": "edit generation is not implemented yet",
+    "resize_control_to_image_size": "edit generation is not implemented yet",
+    "append_original_name": "edit generation is not implemented yet",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    opts.add_model_args(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--negative_prompt", default=None, help="negative prompt for CFG (default: ' ')")
+    g.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"),
+                   help="height and width, multiples of 16")
+    g.add_argument("--infer_steps", type=int, default=25, help="number of denoising steps")
+    g.add_argument("--guidance_scale", type=float, default=4.0, help="true CFG scale (1 disables CFG)")
+    g.add_argument("--flow_shift", type=float, default=None, help="static shift; default: dynamic shift by image size")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --d --s --g/--l --fs --n")
+    g.add_argument("--attn_mode", choices=list(ATTN_BACKENDS), default="sdpa", help="attention implementation")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    o = p.add_argument_group("output")
+    o.add_argument("--save_path", required=True, help="folder for the images / latents")
+    o.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
+    o.add_argument("--latent_path", nargs="+", help="decode these saved latent files only (no DiT / text encoder)")
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora_weight", nargs="+", help="LoRA files to merge (kohya or diffusers lora_A/B format)")
+    lo.add_argument("--lora_multiplier", type=float, nargs="+", help="one multiplier, or one per LoRA (default 1.0)")
+    m = p.add_argument_group("memory")
+    m.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
+    opts.add_vae_args(p)
+    opts.add_memory_args(p)
+    e = p.add_argument_group("edit / layered / inpainting")
+    e.add_argument("--control_image_path", nargs="+", help="control image(s) for edit / layered")
+    e.add_argument("--resize_control_to_official_size", action="store_true")
+    e.add_argument("--resize_control_to_image_size", action="store_true")
+    e.add_argument("--append_original_name", action="store_true")
+    e.add_argument("--output_layers", type=int, default=None)
+    e.add_argument("--mask_path")
+    e.add_argument("--rcm_threshold", type=float, default=None)
+    e.add_argument("--rcm_relative_threshold", action="store_true")
+    e.add_argument("--rcm_kernel_size", type=int, default=3)
+    e.add_argument("--rcm_dilate_size", type=int, default=0)
+    e.add_argument("--rcm_debug_save", action="store_true")
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    version = opts.version_from_args(args)
+    opts.refuse_unavailable(args, LATER)
+    if version.name != "original":
+        opts.refuse_unavailable(argparse.Namespace(model_version=version.name),
+                                {"model_version": f"{version.name} generation is not implemented yet; use original"})
+    from musubi_tuner.qwen_image.generate import run
+
+    return run(args, version)
+
+
+if __name__ == "__main__":
+    main()
