@@ -1,0 +1,154 @@
+"""Every loader gives tensors identical to the originals, for every real key layout, and refuses wrong files."""
+
+import json
+
+import pytest
+import torch
+from layouts import diffusers_vae_key_to_wan, write_sharded, write_single
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.qwen_image import tiny
+from musubi_tuner.qwen_image.dit import COMFY_PREFIX, ZERO_COND_MARKER, load_dit
+from musubi_tuner.qwen_image.text_encoder import load_text_encoder, load_tokenizer, to_comfy_key
+from musubi_tuner.qwen_image.vae import load_vae
+from musubi_tuner.qwen_image.versions import VERSIONS, resolve_version
+
+
+def assert_same_state(model, reference):
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("layout", ["diffusers_file_config", "sharded_first_shard", "sharded_folder_no_config",
+                                    "comfy_bare", "comfy_prefixed"])
+def test_dit_layouts(tmp_path, layout):
+    ref = tiny.tiny_dit(seed=3)
+    sd = ref.state_dict()
+    if layout == "diffusers_file_config":
+        path = write_single(sd, tmp_path / "diffusion_pytorch_model.safetensors")
+        (tmp_path / "config.json").write_text(json.dumps(dict(ref.config)))
+    elif layout == "sharded_first_shard":
+        path = write_sharded(sd, tmp_path, "diffusion_pytorch_model", 3, dict(ref.config))[0]
+    elif layout == "sharded_folder_no_config":
+        write_sharded(sd, tmp_path, "diffusion_pytorch_model", 2)
+        path = tmp_path
+    elif layout == "comfy_bare":
+        path = write_single(sd, tmp_path / "qwen_image_bf16.safetensors")
+    else:
+        path = write_single(sd, tmp_path / "qwen_image_bf16.safetensors", prefix=COMFY_PREFIX)
+    model = load_dit(path, VERSIONS["original"], torch.float32)
+    assert_same_state(model, ref)
+    assert model.config.num_layers == 2 and model.config.num_attention_heads == 2
+    assert tuple(model.config.axes_dims_rope) == tuple(ref.config.axes_dims_rope)
+
+
+def test_dit_bf16_load_and_model_version_switches(tmp_path):
+    ref = tiny.tiny_dit(VERSIONS["edit-2511"], seed=1)
+    path = write_single(ref.state_dict(), tmp_path / "edit2511.safetensors", prefix=COMFY_PREFIX,
+                        extra={ZERO_COND_MARKER: torch.tensor([])})
+    model = load_dit(path, VERSIONS["edit-2511"], torch.bfloat16)
+    assert model.config.zero_cond_t and model.transformer_blocks[0].zero_cond_t
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.to(torch.bfloat16))
+
+    layered = tiny.tiny_dit(VERSIONS["layered"], seed=1)
+    lpath = write_single(layered.state_dict(), tmp_path / "layered.safetensors")
+    model = load_dit(lpath, VERSIONS["layered"], torch.float32)
+    assert model.config.use_additional_t_cond and model.config.use_layer3d_rope
+    assert_same_state(model, layered)
+    with pytest.raises(UserError, match="--model_version layered"):
+        load_dit(lpath, VERSIONS["original"], torch.float32)
+
+
+def test_dit_refuses_fp8_and_wrong_files(tmp_path):
+    sd = tiny.tiny_dit().state_dict()
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v) for k, v in sd.items()}
+    path = write_single(fp8, tmp_path / "qwen_image_fp8_e4m3fn.safetensors")
+    with pytest.raises(UserError, match="already fp8.*qwen_image_bf16.safetensors"):
+        load_dit(path, VERSIONS["original"])
+    scaled = write_single(sd, tmp_path / "scaled.safetensors", extra={"scaled_fp8": torch.zeros(0)})
+    with pytest.raises(UserError, match="already fp8"):
+        load_dit(scaled, VERSIONS["original"])
+    vae_file = write_single(tiny.tiny_vae().state_dict(), tmp_path / "vae.safetensors")
+    with pytest.raises(UserError, match="not a Qwen-Image DiT"):
+        load_dit(vae_file, VERSIONS["original"])
+    with pytest.raises(UserError, match="file not found"):
+        load_dit(tmp_path / "nope.safetensors", VERSIONS["original"])
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        load_dit(tmp_path / "broken.safetensors", VERSIONS["original"])
+    shards = write_sharded(sd, tmp_path / "sh", "diffusion_pytorch_model", 3)
+    shards[1].unlink()
+    with pytest.raises(UserError, match="incomplete.*00002-of-00003"):
+        load_dit(shards[0], VERSIONS["original"])
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("layout", ["diffusers", "wan"])
+def test_vae_layouts(tmp_path, layout, channels):
+    ref = tiny.tiny_vae(channels, seed=5)
+    sd = ref.state_dict()
+    if layout == "wan":
+        sd = {diffusers_vae_key_to_wan(k): v for k, v in sd.items()}
+        assert "conv1.bias" in sd and any(k.startswith("decoder.upsamples.") for k in sd)
+    path = write_single(sd, tmp_path / "qwen_image_vae.safetensors")
+    vae = load_vae(path, torch.float32, expected_channels=channels)
+    assert vae.config.input_channels == channels
+    assert_same_state(vae, ref)
+    with pytest.raises(UserError, match="layered" if channels == 3 else "RGBA"):
+        load_vae(path, torch.float32, expected_channels=7 - channels)
+
+
+def test_vae_refuses_dit(tmp_path):
+    path = write_single(tiny.tiny_dit().state_dict(), tmp_path / "dit.safetensors")
+    with pytest.raises(UserError, match="not a Qwen-Image VAE"):
+        load_vae(path)
+
+
+def test_text_encoder_comfy_file_and_transformers_folder(tmp_path):
+    tok = tiny.tiny_tokenizer()
+    ref = tiny.tiny_text_encoder(tok, seed=2)
+    # ComfyUI single file, no config beside it: the config is inferred from shapes
+    sd = {to_comfy_key(k): v for k, v in ref.state_dict().items()}
+    assert any(k.startswith("visual.") for k in sd) and any(k.startswith("model.layers.") for k in sd)
+    path = write_single(sd, tmp_path / "comfy" / "qwen_2.5_vl_7b.safetensors")
+    te = load_text_encoder(path, torch.float32)
+    assert_same_state(te, ref)
+    # transformers folder (config.json + safetensors)
+    ref.save_pretrained(tmp_path / "hf")
+    te2 = load_text_encoder(tmp_path / "hf", torch.float32)
+    assert_same_state(te2, ref)
+    # same hidden states
+    ids = tok(["<|im_start|>hello"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = te(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        b = ref(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(a, b)
+    with pytest.raises(UserError, match="not a Qwen2.5-VL"):
+        load_text_encoder(write_single(tiny.tiny_dit().state_dict(), tmp_path / "d.safetensors"))
+
+
+def test_tokenizer_resolution(tmp_path, tiny_models, monkeypatch):
+    tok = load_tokenizer(None, str(tiny_models["text_encoder"]))  # files beside the text encoder
+    assert tok.convert_tokens_to_ids("<|im_start|>") is not None
+    tok2 = load_tokenizer(str(tiny_models["tokenizer"]))
+    assert tok2("a b").input_ids == tok("a b").input_ids
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lone = write_single({"x": torch.zeros(1)}, tmp_path / "alone" / "te.safetensors")
+    with pytest.raises(UserError, match="--tokenizer"):
+        load_tokenizer(None, str(lone))
+    with pytest.raises(UserError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_resolve_version():
+    assert resolve_version(None).name == "original"
+    assert resolve_version(None, edit=True).name == "edit"
+    assert resolve_version(None, edit_plus=True).name == "edit-2509"
+    assert resolve_version("edit-2511").zero_cond_t
+    assert resolve_version("layered").vae_channels == 4 and resolve_version("layered").arch_tag == "qil"
+    with pytest.raises(UserError):
+        resolve_version("edit-2511", edit=True)
