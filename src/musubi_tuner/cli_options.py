@@ -60,3 +60,13 @@ def refuse_unavailable(args: argparse.Namespace, options: dict[str, str]) -> Non
         v = getattr(args, name, None)
         if v not in (None, False, 0, [], ""):
             raise UserError(f"--{name} is not available yet: {why}")
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """Options of the two caching scripts."""
+    g = p.add_argument_group("dataset / caching")
+    g.add_argument("--dataset_config", help="dataset TOML")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--batch_size", type=int, default=1, help="items per model call")
+    g.add_argument("--skip_existing", action="store_true", help="keep caches that are still fresh")
+    g.add_argument("--keep_cache", action="store_true", help="do not delete orphaned cache files")

@@ -4,10 +4,12 @@ prompt encoding into the DiT's `encoder_hidden_states`."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 from accelerate import init_empty_weights
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -156,6 +158,56 @@ def load_tokenizer(tokenizer: str | None, text_encoder: str | None = None):
         ) from None
 
 
+VL_AREA = {"edit": 1024 * 1024, "edit_plus": 384 * 384}  # pixels of each image shown to Qwen2.5-VL
+
+
+def vl_image_size(size: tuple[int, int], template: str) -> tuple[int, int]:
+    """(W, H) of a control image shown to the VL model: the template's area, aspect kept, multiples of 32."""
+    w, h = size
+    ratio = w / h
+    width = math.sqrt(VL_AREA[template] * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+class VLProcessor:
+    """Tokenizer + Qwen2-VL image processor (PIL backend, so no torchvision): builds the model inputs exactly as the
+    Qwen2-VL processor does, expanding each <|image_pad|> to the image's merged patch count."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, tokenizer, image_processor=None):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or Qwen2VLImageProcessorPil()
+
+    def __call__(self, text: list[str], images: list | None = None, max_length: int | None = None):
+        extra = {}
+        if images:
+            vis = self.image_processor(images=images, return_tensors="pt")
+            merge = self.image_processor.merge_size ** 2
+            counts = iter((vis["image_grid_thw"].prod(-1) // merge).tolist())
+            expanded = []
+            for t in text:
+                parts = t.split(self.image_token)
+                expanded.append(parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:]))
+            text = expanded
+            extra = {"pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
+        enc = self.tokenizer(text, padding=True, return_tensors="pt",
+                             **({"max_length": max_length, "truncation": True} if max_length and not images else {}))
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **extra}
+
+
+def load_processor(tokenizer, tokenizer_path: str | None = None) -> VLProcessor:
+    """The processor settings from --tokenizer's preprocessor_config.json when present, else Qwen2-VL defaults."""
+    image_processor = None
+    if tokenizer_path and (Path(tokenizer_path) / "preprocessor_config.json").exists():
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(tokenizer_path)
+    return VLProcessor(tokenizer, image_processor)
+
+
 @torch.no_grad()
 def encode_prompts(
     text_encoder: Qwen2_5_VLForConditionalGeneration,
@@ -163,16 +215,26 @@ def encode_prompts(
     prompts: list[str],
     template: str = "t2i",
     device: torch.device | str | None = None,
+    images: list[list] | None = None,
 ) -> list[torch.Tensor]:
-    """Text-only prompts -> one (L_i, hidden) tensor each: last hidden state (post final norm), template tokens
-    dropped, at most MAX_TOKENS tokens."""
+    """Prompts (and, for edit templates, each prompt's control images as PIL) -> one (L_i, hidden) tensor each:
+    last hidden state (post final norm), template tokens dropped, at most MAX_TOKENS tokens."""
     device = device or text_encoder.device
     drop = DROP_IDX[template]
-    texts = [format_prompt(template, p) for p in prompts]
-    tok = tokenizer(texts, max_length=MAX_TOKENS + drop, padding=True, truncation=True, return_tensors="pt").to(device)
-    out = text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask, output_hidden_states=True)
+    processor = tokenizer if isinstance(tokenizer, VLProcessor) else VLProcessor(tokenizer)
+    if template == "t2i" or not images:
+        texts = [format_prompt(template, p) for p in prompts]
+        flat = None
+    else:
+        texts = [format_prompt(template, p, len(imgs)) for p, imgs in zip(prompts, images)]
+        flat = [img.convert("RGB").resize(vl_image_size(img.size, template), Image.LANCZOS) for imgs in images
+                for img in imgs]
+    inputs = {k: v.to(device) for k, v in processor(texts, flat, max_length=MAX_TOKENS + drop).items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(text_encoder.dtype)
+    out = text_encoder(**inputs, output_hidden_states=True)
     hidden = out.hidden_states[-1]
-    mask = tok.attention_mask.bool()
+    mask = inputs["attention_mask"].bool()
     return [h[m][drop:][:MAX_TOKENS] for h, m in zip(hidden, mask)]
 
 

@@ -1,0 +1,143 @@
+"""The TOML dataset config: `[general]` defaults and `[[datasets]]` entries, validated before any model loads.
+
+    [general]
+    resolution = [1024, 1024]        # int or [W, H]
+    caption_extension = ".txt"
+    batch_size = 1
+    enable_bucket = true
+    bucket_no_upscale = false
+
+    [[datasets]]
+    image_directory = "/data/images"   # or image_jsonl_file = "/data/meta.jsonl"
+    cache_directory = "/data/cache"    # default: image_directory (required with image_jsonl_file)
+    control_directory = "/data/ctrl"   # edit: <base>.ext or <base>_0.ext, <base>_1.ext ...
+    control_resolution = [1024, 1024]  # default: the target's bucket (pixel-aligned)
+    no_resize_control = false          # true: controls at native size, cropped to multiples of 16
+    multiple_target = false            # layered: <base>.png composite + <base>_1.png ... RGBA layers
+    num_repeats = 1
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+
+@dataclass
+class DatasetConfig:
+    resolution: tuple[int, int] = (960, 544)  # (W, H)
+    caption_extension: str = ".txt"
+    batch_size: int = 1
+    num_repeats: int = 1
+    enable_bucket: bool = False
+    bucket_no_upscale: bool = False
+    image_directory: str | None = None
+    image_jsonl_file: str | None = None
+    cache_directory: str | None = None
+    control_directory: str | None = None
+    control_resolution: tuple[int, int] | None = None
+    no_resize_control: bool = False
+    multiple_target: bool = False
+    index: int = 0  # position in [[datasets]], for messages
+    source: str = ""  # the TOML file, for messages
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: [[datasets]] #{self.index + 1}"
+
+
+_TYPES = {
+    "resolution": "resolution", "control_resolution": "resolution", "caption_extension": str, "batch_size": int,
+    "num_repeats": int, "enable_bucket": bool, "bucket_no_upscale": bool, "image_directory": str,
+    "image_jsonl_file": str, "cache_directory": str, "control_directory": str, "no_resize_control": bool,
+    "multiple_target": bool,
+}
+# spellings used by earlier versions of the documentation
+_ALIASES = {"qwen_image_edit_no_resize_control": "no_resize_control",
+            "qwen_image_edit_control_resolution": "control_resolution"}
+_GENERAL_ONLY_FORBIDDEN = {"image_directory", "image_jsonl_file", "cache_directory", "control_directory"}
+
+
+def _check_value(key: str, value, where: str):
+    kind = _TYPES[key]
+    if kind == "resolution":
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return (value, value)
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+            return (value[0], value[1])
+        raise UserError(f"{where}: {key} must be an int or [width, height] of positive ints, got {value!r}")
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+    elif not isinstance(value, kind):
+        raise UserError(f"{where}: {key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_table(table: dict, where: str, general: bool) -> dict:
+    out = {}
+    for key, value in table.items():
+        key = _ALIASES.get(key, key)
+        if key not in _TYPES:
+            close = difflib.get_close_matches(key, list(_TYPES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(_TYPES))})"
+            raise UserError(f"{where}: unknown key {key!r}{hint}")
+        if general and key in _GENERAL_ONLY_FORBIDDEN:
+            raise UserError(f"{where}: {key} belongs in a [[datasets]] entry, not in [general]")
+        out[key] = _check_value(key, value, f"{where} key {key!r}")
+    return out
+
+
+def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
+    """Parse and validate; every problem is one UserError naming the file, the table and the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--dataset_config: file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: invalid TOML ({e})") from None
+    unknown = set(data) - {"general", "datasets"}
+    if unknown:
+        raise UserError(f"{p}: unknown top-level table(s) {sorted(unknown)}; use [general] and [[datasets]]")
+    general = _check_table(data.get("general", {}), f"{p}: [general]", general=True)
+    entries = data.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{p}: no [[datasets]] entries")
+    configs = []
+    for i, entry in enumerate(entries):
+        where = f"{p}: [[datasets]] #{i + 1}"
+        values = {**general, **_check_table(entry, where, general=False)}
+        cfg = DatasetConfig(**values, index=i, source=str(p))
+        _check_paths(cfg)
+        configs.append(cfg)
+    return configs
+
+
+def _check_paths(cfg: DatasetConfig) -> None:
+    w = cfg.where
+    if bool(cfg.image_directory) == bool(cfg.image_jsonl_file):
+        raise UserError(f"{w}: give exactly one of image_directory or image_jsonl_file")
+    if cfg.image_directory and not Path(cfg.image_directory).is_dir():
+        raise UserError(f"{w}: image_directory does not exist: {cfg.image_directory}")
+    if cfg.image_jsonl_file:
+        if not Path(cfg.image_jsonl_file).is_file():
+            raise UserError(f"{w}: image_jsonl_file does not exist: {cfg.image_jsonl_file}")
+        if not cfg.cache_directory:
+            raise UserError(f"{w}: cache_directory is required with image_jsonl_file")
+    if cfg.control_directory and not Path(cfg.control_directory).is_dir():
+        raise UserError(f"{w}: control_directory does not exist: {cfg.control_directory}")
+    if cfg.control_resolution and cfg.no_resize_control:
+        raise UserError(f"{w}: control_resolution and no_resize_control are mutually exclusive")
+    for name in ("resolution", "control_resolution"):
+        r = getattr(cfg, name)
+        if r and (r[0] % 16 or r[1] % 16):
+            raise UserError(f"{w}: {name} {list(r)} must be multiples of 16")
+    if cfg.cache_directory is None:
+        cfg.cache_directory = cfg.image_directory
+
+

@@ -1,0 +1,170 @@
+"""Dataset items: which image files, caption and control images make one training example.
+
+Image directory: `<base>.ext` + `<base><caption_extension>`; controls `<base>.ext` or `<base>_0.ext, <base>_1.ext ...`
+in control_directory; layered (multiple_target): `<base>.png` (composite) + `<base>_1.png ...` (RGBA layers).
+JSONL: {"image_path": ..., "caption": ..., "control_path" | "control_path_0".., "image_path_0".. (layered)}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError
+from ..qwen_image.versions import ModelVersion
+from .config import DatasetConfig
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+_INDEXED = re.compile(r"^(?P<base>.+)_(?P<idx>\d+)$")
+
+
+@dataclass
+class ImageItem:
+    key: str  # unique name inside the cache directory
+    targets: list[Path]  # one image; layered: composite then layers
+    caption: str
+    controls: list[Path] = field(default_factory=list)
+    config: DatasetConfig | None = None
+
+
+def load_image(path: Path, mode: str) -> Image.Image:
+    """Open and fully decode an image; a corrupt or unreadable file is one clear error naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if mode == "RGB" and im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                return Image.alpha_composite(bg, im).convert("RGB")  # alpha dropped onto white
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}; replace or remove the file") from None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def _controls_for(base: str, control_dir: Path | None, by_stem: dict[str, list[Path]] | None) -> list[Path]:
+    if control_dir is None:
+        return []
+    single = by_stem.get(base, [])
+    indexed = sorted(((int(m["idx"]), p) for stem, ps in by_stem.items() if (m := _INDEXED.match(stem))
+                      and m["base"] == base for p in ps))
+    return single[:1] + [p for _, p in indexed]
+
+
+def _read_caption(image: Path, cfg: DatasetConfig) -> str:
+    cap = image.with_name(image.stem + cfg.caption_extension)
+    if not cap.is_file():
+        raise UserError(f"{cfg.where}: image {image} has no caption file {cap.name}; add it or set caption_extension")
+    return cap.read_text(encoding="utf-8").strip()
+
+
+def _from_directory(cfg: DatasetConfig) -> list[ImageItem]:
+    folder = Path(cfg.image_directory)
+    images = _images_in(folder)
+    control_dir = Path(cfg.control_directory) if cfg.control_directory else None
+    by_stem: dict[str, list[Path]] = {}
+    for p in _images_in(control_dir) if control_dir else []:
+        by_stem.setdefault(p.stem, []).append(p)
+    stems = {p.stem for p in images}
+    items = []
+    for img in images:
+        m = _INDEXED.match(img.stem)
+        if cfg.multiple_target and m and m["base"] in stems:
+            continue  # a layer of another item
+        targets = [img]
+        if cfg.multiple_target:
+            layers = sorted((int(mm["idx"]), p) for p in images if (mm := _INDEXED.match(p.stem)) and mm["base"] == img.stem)
+            targets += [p for _, p in layers]
+        items.append(ImageItem(img.stem, targets, _read_caption(img, cfg), _controls_for(img.stem, control_dir, by_stem), cfg))
+    return items
+
+
+def _from_jsonl(cfg: DatasetConfig) -> list[ImageItem]:
+    path = Path(cfg.image_jsonl_file)
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: each line must be a JSON object")
+        targets = [rec["image_path"]] if "image_path" in rec else [rec[k] for k in _numbered(rec, "image_path_")]
+        if not targets:
+            raise UserError(f"{where}: missing image_path (or image_path_0.. for multiple_target)")
+        if "caption" not in rec or not isinstance(rec["caption"], str):
+            raise UserError(f"{where}: missing caption")
+        controls = ([rec["control_path"]] if "control_path" in rec else []) + [rec[k] for k in _numbered(rec, "control_path_")]
+        base = path.parent
+        targets = [_resolve(base, t, where) for t in targets]
+        controls = [_resolve(base, c, where) for c in controls]
+        items.append(ImageItem(Path(targets[0]).stem, targets, rec["caption"].strip(), controls, cfg))
+    return items
+
+
+def _numbered(rec: dict, prefix: str) -> list[str]:
+    keys = [k for k in rec if k.startswith(prefix) and k[len(prefix):].isdigit()]
+    return sorted(keys, key=lambda k: int(k[len(prefix):]))
+
+
+def _resolve(base: Path, p: str, where: str) -> Path:
+    q = Path(p) if Path(p).is_absolute() else base / p
+    if not q.is_file():
+        raise UserError(f"{where}: image file not found: {p}")
+    return q
+
+
+def collect_items(configs: list[DatasetConfig], version: ModelVersion) -> list[ImageItem]:
+    """Every item of every dataset, validated against the model version; errors name the file and the fix."""
+    all_items: list[ImageItem] = []
+    for cfg in configs:
+        if version.is_layered and not cfg.multiple_target:
+            raise UserError(f"{cfg.where}: --model_version layered needs multiple_target = true in the dataset config")
+        items = _from_directory(cfg) if cfg.image_directory else _from_jsonl(cfg)
+        if not items:
+            raise UserError(f"{cfg.where}: no images found in {cfg.image_directory or cfg.image_jsonl_file}")
+        _validate(items, cfg, version)
+        all_items += items
+    seen: dict[tuple[str, str], ImageItem] = {}
+    for it in all_items:
+        k = (str(Path(it.config.cache_directory).resolve()), it.key)
+        if k in seen:
+            raise UserError(f"{it.config.where}: two items named {it.key!r} share cache_directory {k[0]} "
+                            f"({seen[k].targets[0]} and {it.targets[0]}); rename one or use another cache_directory")
+        seen[k] = it
+    return all_items
+
+
+def _validate(items: list[ImageItem], cfg: DatasetConfig, version: ModelVersion) -> None:
+    w = cfg.where
+    if version.is_edit:
+        for it in items:
+            if not it.controls:
+                raise UserError(f"{w}: {it.targets[0]} has no control image (set control_directory or control_path) "
+                                f"but --model_version {version.name} needs one")
+            if version.template == "edit" and len(it.controls) != 1:
+                raise UserError(f"{w}: {it.targets[0]} has {len(it.controls)} control images; --model_version edit "
+                                "takes exactly one (use edit-2509/edit-2511 for several)")
+        counts = {len(it.controls) for it in items}
+        if len(counts) > 1 and cfg.batch_size > 1:
+            bad = next(it for it in items if len(it.controls) != len(items[0].controls))
+            raise UserError(f"{w}: {bad.targets[0]} has {len(bad.controls)} control images but "
+                            f"{items[0].targets[0]} has {len(items[0].controls)}; with batch_size > 1 every item "
+                            "needs the same number")
+    if version.is_layered:
+        for it in items:
+            if len(it.targets) != len(items[0].targets):
+                raise UserError(f"{w}: {it.targets[0]} has {len(it.targets) - 1} layers but {items[0].targets[0]} "
+                                f"has {len(items[0].targets) - 1}; every item of a dataset needs the same number")
+            if len(it.targets) < 2:
+                raise UserError(f"{w}: {it.targets[0]} has no layer images (<base>_1.png ...)")

@@ -1,0 +1,63 @@
+"""From item files to the exact pixels that are cached: bucket choice, resize/crop of targets and controls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..qwen_image.versions import ModelVersion
+from .buckets import crop_to_multiple, resize_crop, select_bucket, to_tensor
+from .items import ImageItem, load_image
+
+
+def image_size(path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}; replace or remove the file") from None
+
+
+def target_bucket(item: ImageItem) -> tuple[int, int]:
+    cfg = item.config
+    return select_bucket(image_size(item.targets[0]), cfg.resolution, cfg.enable_bucket, cfg.bucket_no_upscale)
+
+
+def control_mode(item: ImageItem) -> str:
+    cfg = item.config
+    if cfg.no_resize_control:
+        return "native"
+    if cfg.control_resolution:
+        return f"area {cfg.control_resolution[0]}x{cfg.control_resolution[1]}"
+    return "target bucket"
+
+
+def prepare_control(img: Image.Image, item: ImageItem, bucket: tuple[int, int]) -> Image.Image:
+    cfg = item.config
+    if cfg.no_resize_control:
+        return crop_to_multiple(img)
+    if cfg.control_resolution:
+        return resize_crop(img, select_bucket(img.size, cfg.control_resolution, True, cfg.bucket_no_upscale))
+    return resize_crop(img, bucket)  # same transform as the target: pixel-aligned when sizes match
+
+
+@dataclass
+class PreparedItem:
+    bucket: tuple[int, int]  # (W, H)
+    targets: torch.Tensor  # (C, F, H, W) in [-1, 1]; F = 1, layered: composite + layers
+    controls: list[torch.Tensor]  # each (3, h, w) in [-1, 1]
+    control_images: list[Image.Image]  # the prepared control pictures (for the VL model)
+
+
+def prepare_item(item: ImageItem, version: ModelVersion, with_targets: bool = True) -> PreparedItem:
+    bucket = target_bucket(item)
+    mode = "RGBA" if version.is_layered else "RGB"
+    targets = None
+    if with_targets:
+        frames = [to_tensor(resize_crop(load_image(p, mode), bucket)) for p in item.targets]
+        targets = torch.stack(frames, dim=1)
+    control_images = [prepare_control(load_image(p, "RGB"), item, bucket) for p in item.controls]
+    return PreparedItem(bucket, targets, [to_tensor(c) for c in control_images], control_images)
