@@ -15,3 +15,39 @@ def tiny_models(tmp_path_factory):
     from musubi_tuner.qwen_image.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+def make_cached_dataset(root, version_name: str, n: int = 4, size=(64, 64), batch_size: int = 2, colours=None,
+                        layers: int = 2):
+    """Tiny models for the version + a shapes dataset + both caches; returns (models, toml path)."""
+    from musubi_tuner.dataset.synthetic import write_shapes_dataset
+    from musubi_tuner.qwen_image.tiny import write_tiny_models
+    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.qwen_image_cache_latents import main as cache_latents
+    from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_text
+
+    root = Path(root)
+    version = VERSIONS[version_name]
+    models = write_tiny_models(root / "models", version)
+    controls = {"edit": 1, "edit-2509": 2, "edit-2511": 2}.get(version_name, 0)
+    img = write_shapes_dataset(root / "data", n=n, size=size, controls=controls,
+                               layers=layers if version.is_layered else 0, colours=colours)
+    lines = ["[general]", f"resolution = [{size[0]}, {size[1]}]", f"batch_size = {batch_size}", "[[datasets]]",
+             f'image_directory = "{img}"', f'cache_directory = "{root / "cache"}"']
+    if controls:
+        lines += [f'control_directory = "{root / "data_control"}"', "no_resize_control = true"]
+    if version.is_layered:
+        lines.append("multiple_target = true")
+    toml = root / "dataset.toml"
+    toml.write_text("\n".join(lines) + "\n")
+    common = ["--dataset_config", str(toml), "--model_version", version_name, "--device", "cpu"]
+    cache_latents(common + ["--vae", str(models["vae"])])
+    cache_text(common + ["--text_encoder", str(models["text_encoder"])])
+    return models, toml
+
+
+def train_args(models, toml, out, version_name="original", *extra):
+    return ["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder", str(models["text_encoder"]),
+            "--dataset_config", str(toml), "--model_version", version_name, "--output_dir", str(out),
+            "--output_name", "lora", "--device", "cpu", "--max_data_loader_n_workers", "0", "--seed", "42",
+            "--log_with", "tensorboard", *extra]

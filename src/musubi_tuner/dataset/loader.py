@@ -1,0 +1,133 @@
+"""Training batches from the caches: grouped by bucket and control layout, shuffled deterministically per epoch,
+sharded across processes, loadable in DataLoader workers.
+
+Indices are (epoch, batch) pairs, so persistent workers need no notification of a new epoch and a resumed run can
+start in the middle of an epoch at exactly the batch where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import UserError
+from ..qwen_image.text_encoder import pad_embeds
+from ..qwen_image.versions import ModelVersion
+from .cache import latent_cache_path, latent_metadata, model_id, stale_reason, text_cache_path, text_metadata
+from .items import ImageItem
+from .prepare import target_bucket
+
+
+@dataclass
+class CachedItem:
+    latent_path: Path
+    text_path: Path
+    layout: tuple  # (latent shape, control shapes): items in one batch share it
+    dataset: int
+    batch_size: int
+    num_repeats: int
+
+
+def _shapes(path: Path) -> tuple[tuple, tuple]:
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        lat = tuple(f.get_slice("latents").get_shape())
+        ctrl = tuple(tuple(f.get_slice(k).get_shape()) for k in sorted(k for k in keys if k.startswith("control_")))
+    return lat, ctrl
+
+
+def check_caches(items: list[ImageItem], version: ModelVersion, vae: str | None = None,
+                 text_encoder: str | None = None) -> list[CachedItem]:
+    """Every item needs fresh latent and text caches; otherwise one error that says which and how to rebuild."""
+    out = []
+    vae_id = model_id(vae) if vae and Path(vae).exists() else None
+    te_id = model_id(text_encoder) if text_encoder and Path(text_encoder).exists() else None
+    for it in items:
+        bucket = target_bucket(it)
+        lat = latent_cache_path(it, version, bucket)
+        txt = text_cache_path(it, version)
+        ignore_l = () if vae_id else ("vae",)
+        ignore_t = () if te_id else ("text_encoder",)
+        r = stale_reason(lat, latent_metadata(it, version, bucket, vae_id or ""), ignore_l)
+        if r:
+            raise UserError(f"latent cache {lat} for {it.targets[0]} is {r}; run qwen_image_cache_latents.py with "
+                            f"--model_version {version.name} first")
+        r = stale_reason(txt, text_metadata(it, version, te_id or ""), ignore_t)
+        if r:
+            raise UserError(f"text-encoder cache {txt} for {it.targets[0]} is {r}; run "
+                            f"qwen_image_cache_text_encoder_outputs.py with --model_version {version.name} first")
+        out.append(CachedItem(lat, txt, _shapes(lat), it.config.index, it.config.batch_size, it.config.num_repeats))
+    return out
+
+
+class CachedBatches(torch.utils.data.Dataset):
+    """Index (epoch, i) -> the i-th batch of that epoch for this process."""
+
+    def __init__(self, items: list[CachedItem], seed: int, num_processes: int = 1, process_index: int = 0):
+        self.items, self.seed = items, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self.batches_per_epoch = len(self.epoch_batches(0))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of `epoch` (lists of item indices)."""
+        if epoch not in self._epoch_cache:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            groups: dict[tuple, list[int]] = {}
+            for i, it in enumerate(self.items):
+                groups.setdefault((it.dataset, it.layout), []).extend([i] * it.num_repeats)
+            batches = []
+            for (_, _), idx in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+                rng.shuffle(idx)
+                bs = self.items[idx[0]].batch_size
+                batches += [idx[j:j + bs] for j in range(0, len(idx), bs)]
+            rng.shuffle(batches)
+            per = len(batches) // self.num_processes
+            if per == 0:
+                raise UserError(f"{len(batches)} batches per epoch cannot be shared by {self.num_processes} processes; "
+                                "add images or num_repeats")
+            # every process gets the same number of distinct batches (the remainder is dropped this epoch)
+            self._epoch_cache = {epoch: batches[self.process_index:per * self.num_processes:self.num_processes]}
+        return self._epoch_cache[epoch]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __getitem__(self, index: tuple[int, int]) -> dict:
+        epoch, i = index
+        members = [self.items[j] for j in self.epoch_batches(epoch)[i]]
+        lat, ctrls, texts = [], [], []
+        for it in members:
+            with safe_open(str(it.latent_path), framework="pt") as f:
+                lat.append(f.get_tensor("latents").float())
+                ctrls.append([f.get_tensor(k).float() for k in sorted(k for k in f.keys() if k.startswith("control_"))])
+            with safe_open(str(it.text_path), framework="pt") as f:
+                texts.append(f.get_tensor("embed").float())
+        text, mask = pad_embeds(texts)
+        controls = [torch.stack([c[k] for c in ctrls]) for k in range(len(ctrls[0]))]
+        return {"latents": torch.stack(lat), "controls": controls, "text": text, "text_mask": mask,
+                "epoch": epoch, "index": i}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, i) for i from `start` on; the trainer sets epoch/start before each epoch."""
+
+    def __init__(self, dataset: CachedBatches):
+        self.dataset, self.epoch, self.start = dataset, 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.start, len(self.dataset))])
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.start
+
+
+def make_loader(dataset: CachedBatches, workers: int, persistent: bool) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    sampler = EpochSampler(dataset)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers,
+                                         persistent_workers=persistent and workers > 0)
+    return loader, sampler

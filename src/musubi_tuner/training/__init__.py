@@ -1,0 +1,1 @@
+"""The trainer loop shared by LoRA and full finetuning, and its parts."""

@@ -1,0 +1,111 @@
+"""LoRA mode of the trainer: any kohya-style network module over the frozen DiT."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..networks.lora_files import linear_module_names, load_lora, merge_lora
+from .optim import parse_kv
+from .trainer import Mode
+
+logger = logging.getLogger(__name__)
+
+
+def import_network_module(name: str):
+    """`networks.lora_qwen_image` (the documented spelling) resolves to this package's module; any other import
+    path (e.g. `lycoris.kohya`) is imported as given."""
+    candidates = [f"musubi_tuner.{name}", name] if name.startswith("networks.") else [name]
+    for c in candidates:
+        try:
+            return importlib.import_module(c)
+        except ModuleNotFoundError as e:
+            if not c.startswith(e.name or "\0") and e.name not in c:
+                raise
+    raise UserError(f"--network_module {name}: module not found (use networks.lora_qwen_image or an installed "
+                    "module path such as lycoris.kohya)")
+
+
+def _call(fn, **kwargs):
+    """Call with the keyword arguments fn accepts (kohya modules differ in their signatures)."""
+    sig = inspect.signature(fn)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in sig.parameters})
+
+
+def weights_hash(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class LoraMode(Mode):
+    name = "lora"
+
+    def __init__(self):
+        self.network = None
+        self.metadata: dict[str, str] = {}
+
+    def dit_dtype(self, args) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+
+    def setup(self, transformer, args) -> list[dict]:
+        transformer.requires_grad_(False)
+        names = linear_module_names(transformer)
+        for i, bw in enumerate(args.base_weights or []):
+            mults = args.base_weights_multiplier or [1.0]
+            m = mults[i] if i < len(mults) else mults[-1]
+            merge_lora(transformer, load_lora(bw, names), m)
+            logger.info("merged base weights %s x %s", bw, m)
+        module = import_network_module(args.network_module)
+        net_kwargs = {k: str(v) for k, v in parse_kv(args.network_args, "--network_args").items()}
+        if args.network_weights and hasattr(module, "create_network_from_weights") and args.dim_from_weights:
+            self.network = _call(module.create_network_from_weights, multiplier=1.0, file=args.network_weights,
+                                 vae=None, text_encoders=None, unet=transformer, text_encoder=None, **net_kwargs)
+        else:
+            create = getattr(module, "create_arch_network", None) or module.create_network
+            self.network = _call(create, multiplier=1.0, network_dim=args.network_dim, network_alpha=args.network_alpha,
+                                 vae=None, text_encoders=None, text_encoder=None, unet=transformer,
+                                 neuron_dropout=args.network_dropout, **net_kwargs)
+        if self.network is None:
+            raise UserError(f"--network_module {args.network_module}: create_network returned None")
+        _call(self.network.apply_to, text_encoders=None, text_encoder=None, unet=transformer,
+              apply_text_encoder=False, apply_unet=True)
+        if args.network_weights and not args.dim_from_weights:
+            info = self.network.load_weights(args.network_weights)
+            logger.info("continuing from %s: %s", args.network_weights, info)
+        self.network.to(transformer.device)
+        if hasattr(self.network, "prepare_grad_etc"):
+            _call(self.network.prepare_grad_etc, text_encoder=None, unet=transformer)
+        self.network.requires_grad_(True)
+        result = _call(self.network.prepare_optimizer_params, unet_lr=args.learning_rate,
+                       text_encoder_lr=None, learning_rate=args.learning_rate)
+        groups = result[0] if isinstance(result, tuple) else result
+        groups = [g if isinstance(g, dict) else {"params": list(g)} for g in groups]
+        n = sum(p.numel() for g in groups for p in g["params"])
+        logger.info("training %s: %.2f M parameters", args.network_module, n / 1e6)
+        self.metadata = {
+            "ss_network_module": args.network_module, "ss_network_dim": str(args.network_dim),
+            "ss_network_alpha": str(args.network_alpha), "ss_network_dropout": str(args.network_dropout),
+            "ss_network_args": str(net_kwargs) if net_kwargs else "",
+        }
+        if args.training_comment:
+            self.metadata["ss_training_comment"] = args.training_comment
+        return groups
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.network
+
+    def save(self, path: Path, dtype, metadata) -> Path:
+        md = {**metadata, "sshs_model_hash": weights_hash(self.network.state_dict())}
+        self.network.save_weights(str(path), dtype, md)
+        return path

@@ -1,0 +1,42 @@
+"""The flow-matching training loss for every model version (one function: target, edit and layered layouts)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..qwen_image import latents as L
+from ..qwen_image.denoise import predict_velocity
+from ..qwen_image.versions import ModelVersion
+from .timesteps import loss_weight, sample_t
+
+
+def split_layered(latents: torch.Tensor, remove_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layered caches hold composite + layers as frames; the composite is also the condition image."""
+    cond = latents[:, :, :1]
+    return (latents[:, :, 1:] if remove_first else latents), cond
+
+
+def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generator: torch.Generator,
+                       device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x0 = batch["latents"]  # (B, 16, F, h, w)
+    refs: list[torch.Tensor] = list(batch.get("controls") or []) if version.is_edit else []
+    if version.is_layered:
+        x0, cond = split_layered(x0, args.remove_first_image_from_target)
+        refs = [cond]
+    b, _, frames, h, w = x0.shape
+    noise = torch.randn(x0.shape, generator=generator)
+    t = sample_t(args.timestep_sampling, b, generator, shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale,
+                 logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
+                 weighting_scheme=args.weighting_scheme, image_seq_len=(h // 2) * (w // 2),
+                 min_timestep=args.min_timestep, max_timestep=args.max_timestep)
+    tt = t.view(b, 1, 1, 1, 1)
+    noisy = L.pack((1 - tt) * x0 + tt * noise).to(device)
+    target = L.pack(noise - x0).to(device)
+    img_shapes = [(1, h // 2, w // 2)] * frames + [(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs]
+    reference = torch.cat([L.pack(r) for r in refs], dim=1).to(device) if refs else None
+    extra = torch.zeros(b, dtype=torch.long, device=device) if version.additional_t_cond else None
+    mask = batch["text_mask"].to(device) if batch.get("text_mask") is not None else None
+    pred = predict_velocity(model, noisy.to(dtype), t.to(device), batch["text"].to(device, dtype), mask, img_shapes,
+                            reference.to(dtype) if reference is not None else None, extra)
+    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
+    return (per_sample * loss_weight(args.weighting_scheme, t).to(device)).mean()

@@ -1,0 +1,195 @@
+"""LoRA training: one step per model version, learning, save/resume, diffusers interop, timesteps, LR schedules."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cached_dataset, train_args
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from musubi_tuner.qwen_image import denoise
+from musubi_tuner.qwen_image.dit import load_dit
+from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.qwen_image_generate_image import main as generate_main
+from musubi_tuner.qwen_image_train_network import main as train_main
+from musubi_tuner.training import trainer as trainer_mod
+
+
+@pytest.mark.parametrize("version", ["original", "edit", "edit-2509", "edit-2511", "layered", "layered-remove-first"])
+def test_one_step_per_version(tmp_path, version, monkeypatch):
+    name = version.replace("-remove-first", "")
+    models, toml = make_cached_dataset(tmp_path, name)
+    seen = []
+    real = denoise.predict_velocity
+
+    def spy(model, noisy, sigma, text, mask, img_shapes, reference=None, additional_t_cond=None):
+        out = real(model, noisy, sigma, text, mask, img_shapes, reference, additional_t_cond)
+        seen.append((noisy.shape, None if reference is None else reference.shape, out.shape, img_shapes,
+                     additional_t_cond))
+        return out
+
+    monkeypatch.setattr("musubi_tuner.training.loss.predict_velocity", spy)
+    extra = ["--remove_first_image_from_target"] if version.endswith("remove-first") else []
+    result = train_main(train_args(models, toml, tmp_path / "out", name, "--max_train_steps", "1",
+                                   "--learning_rate", "1e-2", "--network_dim", "4", *extra))
+    assert result["steps"] == 1 and all(math.isfinite(x) for x in result["losses"])
+    noisy, ref, out, shapes, extra_t = seen[0]
+    assert out == noisy  # the loss covers the target tokens only (shapes)
+    v = VERSIONS[name]
+    if v.is_edit:
+        n_ctrl = {"edit": 1}.get(name, 2)
+        assert ref is not None and len(shapes) == 1 + n_ctrl and noisy[1] == 16
+    if v.is_layered:
+        frames = 2 if extra else 3  # composite + 2 layers, or layers only
+        assert len(shapes) == frames + 1 and noisy[1] == 16 * frames and extra_t is not None
+    # only LoRA parameters changed: the base DiT file is untouched and the LoRA is non-zero
+    lora = load_file(str(result["final"]))
+    ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
+    assert ups and any(u.abs().sum() > 0 for u in ups)
+    assert all(k.startswith("lora_unet_transformer_blocks_") for k in lora)
+
+
+def test_base_weights_frozen_in_memory(tmp_path):
+    """Inside the trainer, a step changes LoRA tensors and nothing of the DiT."""
+    from musubi_tuner.networks.lora_qwen_image import create_network
+    from musubi_tuner.qwen_image.tiny import tiny_dit
+
+    dit = tiny_dit()
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    net = create_network(1.0, 4, 4, None, None, dit)
+    net.apply_to(None, dit)
+    dit.requires_grad_(False)
+    groups, _ = net.prepare_optimizer_params(unet_lr=1e-2)
+    opt = torch.optim.AdamW(groups)
+    x = torch.randn(1, 16, 64)
+    out = dit(hidden_states=x, timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 5, 256),
+              img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
+    out.pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in dit.state_dict().items())
+    assert any(l.lora_up.weight.abs().sum() > 0 for l in net.unet_loras)
+
+
+def test_learning_moves_generation_toward_training_images(tmp_path):
+    models, toml = make_cached_dataset(tmp_path, "original", n=2, colours=["red"], batch_size=1)
+    result = train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "200",
+                                   "--learning_rate", "1e-2", "--network_dim", "16", "--network_alpha", "16",
+                                   "--timestep_sampling", "uniform", "--lr_scheduler", "constant"))
+    # the training loss on fixed noise / timesteps, without and with the trained LoRA
+    eval_before, eval_after = fixed_loss(models, toml), fixed_loss(models, toml, result["final"])
+    print(f"fixed-sample training loss: base {eval_before:.4f} -> with LoRA {eval_after:.4f}")
+    assert eval_after < 0.8 * eval_before
+    caption = (tmp_path / "data" / "img000.txt").read_text()
+    train_lat = torch.stack([load_file(str(p))["latents"] for p in (tmp_path / "cache").glob("*_qi.safetensors")])
+    target = train_lat.mean(0)
+    common = ["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder", str(models["text_encoder"]),
+              "--prompt", caption, "--image_size", "64", "64", "--infer_steps", "20", "--guidance_scale", "1.0",
+              "--output_type", "latent", "--device", "cpu"]
+    dists = {}
+    for tag, extra in (("before", []), ("after", ["--lora_weight", str(result["final"])])):
+        d = []
+        for seed in (1, 2, 3):
+            p = generate_main(common + ["--seed", str(seed), "--save_path", str(tmp_path / tag)] + extra)[0]
+            d.append((load_file(str(p))["latent"] - target).pow(2).mean().item())
+        dists[tag] = float(np.mean(d))
+    print(f"latent MSE to the training image: before {dists['before']:.3f}, after {dists['after']:.3f}")
+    assert dists["after"] < 0.75 * dists["before"]
+
+
+def fixed_loss(models, toml, lora=None, seeds=24):
+    import argparse
+
+    from musubi_tuner.dataset.config import load_dataset_config
+    from musubi_tuner.dataset.items import collect_items
+    from musubi_tuner.dataset.loader import CachedBatches, check_caches
+    from musubi_tuner.networks.lora_files import linear_module_names, load_lora, merge_lora
+    from musubi_tuner.training.loss import flow_matching_loss
+
+    version = VERSIONS["original"]
+    model = load_dit(models["dit"], version, torch.float32)
+    if lora:
+        merge_lora(model, load_lora(lora, linear_module_names(model)))
+    data = CachedBatches(check_caches(collect_items(load_dataset_config(toml), version), version), seed=0)
+    args = argparse.Namespace(timestep_sampling="uniform", discrete_flow_shift=1.0, sigmoid_scale=1.0, logit_mean=0.0,
+                              logit_std=1.0, mode_scale=1.29, weighting_scheme="none", min_timestep=0.0,
+                              max_timestep=1000.0, remove_first_image_from_target=False)
+    with torch.no_grad():
+        losses = [flow_matching_loss(model, data[(0, i)], version, args, torch.Generator().manual_seed(s), "cpu",
+                                     torch.float32).item() for s in range(seeds) for i in range(len(data))]
+    return float(np.mean(losses))
+
+
+def test_saved_lora_loads_in_diffusers_with_same_output(tmp_path):
+    pytest.importorskip("peft")
+    from test_generate import reference_pipeline
+
+    from musubi_tuner.networks.lora_files import linear_module_names, load_lora, merge_lora
+
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    result = train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "3",
+                                   "--learning_rate", "5e-2", "--network_dim", "4", "--network_alpha", "2"))
+    with safe_open(str(result["final"]), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_base_model_version"] == "qwen_image_original" and meta["ss_timestep_sampling"] == "shift"
+    assert len(meta["sshs_model_hash"]) == 64 and '"images": 2' in meta["ss_dataset"]
+
+    call = dict(prompt="a red circle", height=64, width=64, num_inference_steps=3, true_cfg_scale=1.0,
+                output_type="latent")
+    pipe = reference_pipeline()
+    pipe.load_lora_weights(str(result["final"]))
+    theirs = pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images
+    ours_pipe = reference_pipeline()
+    merge_lora(ours_pipe.transformer, load_lora(result["final"], linear_module_names(ours_pipe.transformer)))
+    ours = ours_pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images
+    plain = reference_pipeline()(**call, generator=torch.Generator("cpu").manual_seed(0)).images
+    assert (ours - plain).abs().mean() > 1e-4
+    assert torch.allclose(theirs, ours, atol=1e-4)
+
+
+def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    models, toml = make_cached_dataset(tmp_path, "original", n=6, batch_size=2)
+    common = ["--max_train_steps", "7", "--learning_rate", "1e-2", "--network_dim", "4", "--lr_scheduler", "cosine",
+              "--lr_warmup_steps", "2", "--gradient_accumulation_steps", "1"]
+    full = train_main(train_args(models, toml, tmp_path / "full", "original", *common))
+
+    def ctrl_c(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "after_optimizer_step", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        train_main(train_args(models, toml, tmp_path / "part", "original", *common))
+    assert e.value.code == 130
+    state = tmp_path / "part" / "lora-interrupted-state"
+    assert (state / "train_state.json").exists() and not (tmp_path / "part" / "lora.safetensors").exists()
+    monkeypatch.setattr(trainer_mod, "after_optimizer_step", lambda step: None)
+    resumed = train_main(train_args(models, toml, tmp_path / "part", "original", *common, "--resume", str(state)))
+    assert resumed["steps"] == 7
+    a, b = load_file(str(full["final"])), load_file(str(resumed["final"]))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert np.allclose(full["losses"][4:], resumed["losses"], atol=1e-6)  # the same loss curve continues
+
+
+def test_nan_loss_stops_with_step(tmp_path, capsys):
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    with pytest.raises(SystemExit):
+        train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "3",
+                              "--learning_rate", "1e30", "--max_grad_norm", "0", "--optimizer_type",
+                              "torch.optim.SGD"))
+    err = capsys.readouterr().err
+    assert "error: loss is" in err and "at step" in err
+
+
+def test_missing_cache_is_a_clear_error(tmp_path, capsys):
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    for p in (tmp_path / "cache").glob("*_te.safetensors"):
+        p.unlink()
+    with pytest.raises(SystemExit):
+        train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "1"))
+    err = capsys.readouterr().err
+    assert "qwen_image_cache_text_encoder_outputs.py" in err and "missing" in err
