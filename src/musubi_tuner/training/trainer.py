@@ -147,6 +147,8 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(f"{args.log_prefix}{mode.name}", config=config)
     loss_log = output_dir / "loss_log.csv"
+    if accelerator.is_main_process and not args.resume:
+        loss_log.unlink(missing_ok=True)  # a new run starts a new log; a resumed one appends
     metadata = training_metadata(args, version, mode, cached)
 
     def save(tag_epoch: int | None = None, tag_step: int | None = None, final: bool = False) -> None:
