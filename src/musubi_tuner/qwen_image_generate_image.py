@@ -1,4 +1,5 @@
-"""Generate images with Qwen-Image (text-to-image). Run `python src/musubi_tuner/qwen_image_generate_image.py --help`."""
+"""Generate images with Qwen-Image (text-to-image), Edit / Edit-2509 / Edit-2511 (editing, inpainting, RCM) and
+Layered (RGBA layer decomposition). Run `python src/musubi_tuner/qwen_image_generate_image.py --help`."""
 
 import argparse
 import sys
@@ -15,13 +16,6 @@ LATER = {
     "fp8_scaled": "fp8 weights are not implemented yet; run without it (more VRAM)",
     "fp8_vl": "the fp8 text encoder is not implemented yet; use --text_encoder_cpu to save VRAM",
     "blocks_to_swap": "block swapping is not implemented yet",
-    "control_image_path": "edit / layered generation is not implemented yet",
-    "mask_path": "inpainting is not implemented yet",
-    "rcm_threshold": "the Reference Consistency Mask is not implemented yet",
-    "output_layers": "layered generation is not implemented yet",
-    "resize_control_to_official_size": "edit generation is not implemented yet",
-    "resize_control_to_image_size": "edit generation is not implemented yet",
-    "append_original_name": "edit generation is not implemented yet",
 }
 
 
@@ -31,13 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--negative_prompt", default=None, help="negative prompt for CFG (default: ' ')")
-    g.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"),
-                   help="height and width, multiples of 16")
+    g.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="height and width, multiples of 16 (default 1024 1024; edit/layered: from the first control)")
     g.add_argument("--infer_steps", type=int, default=25, help="number of denoising steps")
     g.add_argument("--guidance_scale", type=float, default=4.0, help="true CFG scale (1 disables CFG)")
     g.add_argument("--flow_shift", type=float, default=None, help="static shift; default: dynamic shift by image size")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    g.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --d --s --g/--l --fs --n")
+    g.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --d --s --g/--l --fs --n --ci "
+                                       "--f --rcm_th --rcm_rel_th --rcm_ks --rcm_ds")
     g.add_argument("--attn_mode", choices=list(ATTN_BACKENDS), default="sdpa", help="attention implementation")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     o = p.add_argument_group("output")
@@ -52,17 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_vae_args(p)
     opts.add_memory_args(p)
     e = p.add_argument_group("edit / layered / inpainting")
-    e.add_argument("--control_image_path", nargs="+", help="control image(s) for edit / layered")
-    e.add_argument("--resize_control_to_official_size", action="store_true")
-    e.add_argument("--resize_control_to_image_size", action="store_true")
-    e.add_argument("--append_original_name", action="store_true")
-    e.add_argument("--output_layers", type=int, default=None)
-    e.add_argument("--mask_path")
-    e.add_argument("--rcm_threshold", type=float, default=None)
-    e.add_argument("--rcm_relative_threshold", action="store_true")
-    e.add_argument("--rcm_kernel_size", type=int, default=3)
-    e.add_argument("--rcm_dilate_size", type=int, default=0)
-    e.add_argument("--rcm_debug_save", action="store_true")
+    e.add_argument("--control_image_path", nargs="+", help="control image(s) for edit (2509/2511: several, of any "
+                   "size); the image to decompose for layered")
+    e.add_argument("--resize_control_to_official_size", action="store_true",
+                   help="resize control images to ~1M pixels keeping aspect (recommended; expected by 2511)")
+    e.add_argument("--resize_control_to_image_size", action="store_true",
+                   help="resize control images to --image_size (recommended for layered)")
+    e.add_argument("--append_original_name", action="store_true",
+                   help="append the first control image's base name to the output file name")
+    e.add_argument("--output_layers", type=int, default=None, help="layered: number of layers (N+1 images are "
+                   "written, index 0 = composite; default 4)")
+    e.add_argument("--mask_path", help="inpainting mask: white = change, black = keep (edit versions)")
+    e.add_argument("--rcm_threshold", type=float, default=None, help="enable the Reference Consistency Mask with "
+                   "this difference threshold (absolute ~0.01-0.1, relative ~0.1-0.5)")
+    e.add_argument("--rcm_relative_threshold", action="store_true", help="--rcm_threshold is relative to the "
+                   "step's maximum difference")
+    e.add_argument("--rcm_kernel_size", type=int, default=3, help="Gaussian blur kernel before thresholding")
+    e.add_argument("--rcm_dilate_size", type=int, default=0, help="dilate the change region by this many latent px")
+    e.add_argument("--rcm_debug_save", action="store_true", help="save each step's RCM mask as PNG")
     return p
 
 
@@ -71,9 +73,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     version = opts.version_from_args(args)
     opts.refuse_unavailable(args, LATER)
-    if version.name != "original":
-        opts.refuse_unavailable(argparse.Namespace(model_version=version.name),
-                                {"model_version": f"{version.name} generation is not implemented yet; use original"})
     from musubi_tuner.qwen_image.generate import run
 
     return run(args, version)

@@ -1,7 +1,8 @@
-"""Image generation: encode prompts, denoise with the DiT, decode with the VAE, save.
+"""Image generation for every model version: encode prompts (with control images for edit), encode control images
+with the VAE, denoise with the DiT, decode, save.
 
-Models are used one after another (text encoder, then DiT, then VAE) and released in between, so peak memory is
-one model at a time.
+Models are used one after another (text encoder, then VAE for the controls, then DiT, then VAE) and the text encoder
+and DiT are released after use, so peak memory is about one large model at a time.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,14 @@ from safetensors import safe_open
 from ..errors import UserError
 from ..fileio import save_image, save_safetensors
 from ..networks.lora_files import linear_module_names, load_lora, merge_lora
+from . import edit as E
 from . import latents as L
 from .denoise import predict_velocity
 from .dit import load_dit
 from .prompts import GenerationSpec, read_prompt_file
-from .sampler import cfg_combine, flow_sigmas, sample
-from .text_encoder import encode_prompts, load_text_encoder, load_tokenizer
-from .vae import decode, load_vae
+from .sampler import cfg_combine, flow_sigmas, layered_sigmas, sample
+from .text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
+from .vae import decode, encode, load_vae
 from .versions import ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -57,18 +59,17 @@ class Encoded:
     uncond: torch.Tensor | None
 
 
-def encode_all(specs: list[GenerationSpec], args, version: ModelVersion, device, dtype) -> list[Encoded]:
-    te_device = torch.device("cpu") if args.text_encoder_cpu else device
-    te_dtype = torch.float32 if te_device.type == "cpu" else dtype
-    tokenizer = load_tokenizer(args.tokenizer, args.text_encoder)
-    te = load_text_encoder(args.text_encoder, te_dtype, te_device)
-    texts = sorted({s.prompt for s in specs} | {negative_of(s) for s in specs if s.guidance_scale > 1})
-    cache = {}
-    for t in texts:
-        cache[t] = encode_prompts(te, tokenizer, [t], version.template, te_device)[0].to("cpu", torch.float32)
-    del te
-    free_memory()
-    return [Encoded(cache[s.prompt], cache[negative_of(s)] if s.guidance_scale > 1 else None) for s in specs]
+@dataclass
+class Job:
+    """One generation with its resolved inputs."""
+
+    spec: GenerationSpec
+    controls: list[Image.Image] = field(default_factory=list)  # as loaded (the VL model sees these)
+    prepared: list[Image.Image] = field(default_factory=list)  # sized for the VAE
+    encoded: Encoded | None = None
+    reference: torch.Tensor | None = None  # packed reference latents (1, N, 64)
+    ref_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    first_control: torch.Tensor | None = None  # packed first control latent (inpainting / RCM)
 
 
 def negative_of(spec: GenerationSpec) -> str:
@@ -81,25 +82,75 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def encode_all(specs: list[GenerationSpec], args, version: ModelVersion, device, dtype,
+               images: list[list[Image.Image]] | None = None) -> list[Encoded]:
+    """Prompt (and negative prompt, when CFG is on) embeddings of every spec; each distinct text+images once."""
+    te_device = torch.device("cpu") if args.text_encoder_cpu else device
+    te_dtype = torch.float32 if te_device.type == "cpu" else dtype
+    processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer)
+    te = load_text_encoder(args.text_encoder, te_dtype, te_device)
+    cache: dict = {}
+    out = []
+    for i, s in enumerate(specs):
+        imgs = images[i] if images else []
+
+        def enc(text):
+            key = (text, tuple(id(im) for im in imgs))
+            if key not in cache:
+                cache[key] = encode_prompts(te, processor, [text], version.template, te_device,
+                                            [imgs] if imgs and version.is_edit else None)[0].to("cpu", torch.float32)
+            return cache[key]
+
+        out.append(Encoded(enc(s.prompt), enc(negative_of(s)) if s.guidance_scale > 1 else None))
+    del te
+    free_memory()
+    return out
+
+
 @torch.no_grad()
-def denoise_t2i(model, spec: GenerationSpec, enc: Encoded, device, dtype, progress: bool = True) -> torch.Tensor:
-    """One text-to-image sample -> normalised latents (1, 16, 1, h, w) in float32."""
+def denoise(model, spec: GenerationSpec, enc: Encoded, device, dtype, version: ModelVersion | None = None,
+            job: Job | None = None, anchor_args=None, progress: bool = True, debug_stem: Path | None = None
+            ) -> torch.Tensor:
+    """One sample -> normalised latents (1, 16, F, h, w) in float32 (F = layers + 1 for layered, else 1)."""
+    layered = version is not None and version.is_layered
+    frames = (spec.output_layers or 1) + 1 if layered else 1
     lh, lw = L.latent_hw(spec.height, spec.width)
-    x = L.pack(L.initial_noise(spec.resolved_seed(), lh, lw)).to(device, dtype)
-    img_shapes = [(1, lh // 2, lw // 2)]
-    sigmas = flow_sigmas(spec.steps, x.shape[1], spec.flow_shift)
+    noise = L.pack(L.initial_noise(spec.resolved_seed(), lh, lw, frames)).to(device, torch.float32)
+    x = noise.to(dtype)
+    img_shapes = [(1, lh // 2, lw // 2)] * frames + (job.ref_shapes if job else [])
+    reference = job.reference.to(device, dtype) if job is not None and job.reference is not None else None
+    if layered:
+        sigmas = layered_sigmas(spec.steps, job.reference.shape[1])
+    else:
+        sigmas = flow_sigmas(spec.steps, x.shape[1], spec.flow_shift)
+    extra = torch.zeros(1, dtype=torch.long, device=device) if version is not None and version.additional_t_cond else None
     cond = enc.cond.unsqueeze(0).to(device)
     uncond = None if enc.uncond is None else enc.uncond.unsqueeze(0).to(device)
 
     def velocity(latents, sigma, _i):
-        v = predict_velocity(model, latents, sigma, cond, None, img_shapes)
+        v = predict_velocity(model, latents, sigma, cond, None, img_shapes, reference, extra)
         if uncond is None:
             return v
-        v_neg = predict_velocity(model, latents, sigma, uncond, None, img_shapes)
-        return cfg_combine(v, v_neg, spec.guidance_scale)
+        v_neg = predict_velocity(model, latents, sigma, uncond, None, img_shapes, reference, extra)
+        return cfg_combine(v, v_neg, spec.guidance_scale, rescale=not layered)
 
-    x = sample(velocity, x, sigmas, progress=progress)
-    return L.unpack(x.float().cpu(), lh, lw)
+    anchor = make_anchor(spec, job, anchor_args, noise, sigmas, (lh, lw), debug_stem)
+    x = sample(velocity, x, sigmas, progress=progress, before_step=anchor)
+    if anchor is not None:
+        x = anchor.finish(x)
+    return L.unpack(x.float().cpu(), lh, lw, frames)
+
+
+def make_anchor(spec, job, a, noise, sigmas, latent_hw, debug_stem) -> E.Anchor | None:
+    if a is None or job is None or job.first_control is None:
+        return None
+    rcm = spec.rcm_threshold
+    if not a.mask_path and rcm is None:
+        return None
+    mask = E.load_mask(a.mask_path, *latent_hw) if a.mask_path else None
+    return E.Anchor(job.first_control.float(), noise.cpu(), sigmas, latent_hw, change_mask=mask,
+                    rcm_threshold=rcm, rcm_relative=spec.rcm_relative, rcm_kernel_size=spec.rcm_kernel_size,
+                    rcm_dilate_size=spec.rcm_dilate_size, debug_stem=debug_stem if a.rcm_debug_save else None)
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
@@ -108,18 +159,21 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), mode="RGBA" if arr.shape[2] == 4 else "RGB")
 
 
-def output_stem(save_path: Path, seed: int, index: int, total: int) -> Path:
+def output_stem(save_path: Path, seed: int, index: int, total: int, suffix: str = "") -> Path:
     ts = time.strftime("%Y%m%d-%H%M%S")
-    return save_path / (f"{ts}_{seed}" if total == 1 else f"{ts}_{index:03d}_{seed}")
+    return save_path / ((f"{ts}_{seed}" if total == 1 else f"{ts}_{index:03d}_{seed}") + suffix)
 
 
 def spec_metadata(spec: GenerationSpec, version: ModelVersion) -> dict[str, str]:
-    return {
+    md = {
         "prompt": spec.prompt, "negative_prompt": spec.negative_prompt or "", "seed": str(spec.seed),
         "height": str(spec.height), "width": str(spec.width), "infer_steps": str(spec.steps),
-        "guidance_scale": str(spec.guidance_scale), "flow_shift": "dynamic" if spec.flow_shift is None else str(spec.flow_shift),
-        "model_version": version.name,
+        "guidance_scale": str(spec.guidance_scale), "model_version": version.name,
+        "flow_shift": "dynamic" if spec.flow_shift is None else str(spec.flow_shift),
     }
+    if spec.control_images:
+        md["control_images"] = "|".join(spec.control_images)
+    return md
 
 
 def load_latent_files(paths: list[str]) -> list[tuple[torch.Tensor, dict[str, str]]]:
@@ -136,21 +190,29 @@ def load_latent_files(paths: list[str]) -> list[tuple[torch.Tensor, dict[str, st
 
 
 def decode_and_save(vae, items: list[tuple[torch.Tensor, Path]], tiling: bool) -> list[Path]:
+    """Latents (16, F, h, w) -> one PNG, or one RGBA PNG per frame (`..._layer{i}.png`, 0 = composite)."""
     if tiling:
         vae.enable_tiling()
     saved = []
     for lat, stem in items:
-        pixels = decode(vae, lat.unsqueeze(0) if lat.ndim == 4 else lat)[0, :, 0]
-        saved.append(save_image(to_pil(pixels), stem.with_suffix(".png")))
-        logger.info("saved %s", saved[-1])
+        lat = lat.unsqueeze(0) if lat.ndim == 4 else lat
+        frames = lat.shape[2]
+        for f in range(frames):
+            pixels = decode(vae, lat[:, :, f:f + 1])[0, :, 0]
+            name = stem.name + (f"_layer{f}" if frames > 1 else "")
+            saved.append(save_image(to_pil(pixels), stem.with_name(name + ".png")))
+            logger.info("saved %s", saved[-1])
     return saved
 
 
-def build_specs(args: argparse.Namespace) -> list[GenerationSpec]:
+def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[GenerationSpec]:
+    h, w = args.image_size if args.image_size else (None, None)
     defaults = GenerationSpec(
-        prompt=args.prompt or "", negative_prompt=args.negative_prompt,
-        height=args.image_size[0], width=args.image_size[1], steps=args.infer_steps,
+        prompt=args.prompt or "", negative_prompt=args.negative_prompt, height=h, width=w, steps=args.infer_steps,
         guidance_scale=args.guidance_scale, flow_shift=args.flow_shift, seed=args.seed,
+        control_images=list(args.control_image_path or []), output_layers=args.output_layers,
+        rcm_threshold=args.rcm_threshold, rcm_relative=args.rcm_relative_threshold,
+        rcm_kernel_size=args.rcm_kernel_size, rcm_dilate_size=args.rcm_dilate_size,
     )
     if args.from_file:
         specs = read_prompt_file(args.from_file, defaults)
@@ -159,28 +221,66 @@ def build_specs(args: argparse.Namespace) -> list[GenerationSpec]:
     else:
         raise UserError("give --prompt TEXT or --from_file FILE (or --latent_path to decode saved latents)")
     for s in specs:
-        L.check_image_size(s.height, s.width)
         if s.steps < 1:
             raise UserError(f"--infer_steps must be >= 1, got {s.steps}")
+        if not (version.is_edit or version.is_layered):
+            if s.control_images:
+                raise UserError(f"--control_image_path needs an edit or layered --model_version (got {version.name})")
+            if s.height is None:
+                s.height, s.width = 1024, 1024
+            L.check_image_size(s.height, s.width)
+        if version.is_layered and not s.output_layers:
+            s.output_layers = 4
+        if s.rcm_threshold is not None or args.mask_path:
+            if not version.is_edit:
+                raise UserError("--mask_path / --rcm_threshold work only with an edit --model_version "
+                                "(edit, edit-2509, edit-2511)")
+            if s.rcm_threshold is not None and args.mask_path:
+                raise UserError("--mask_path and --rcm_threshold cannot be used together; choose one")
+    if args.mask_path and not Path(args.mask_path).is_file():
+        raise UserError(f"--mask_path: file not found: {args.mask_path}")
     return specs
 
 
-def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
-    device, dtype = compute_setup(args.device)
-    save_path = Path(args.save_path)
-    vae_needed = args.output_type in ("images", "latent_images")
+def resolve_controls(specs: list[GenerationSpec], args, version: ModelVersion) -> list[Job]:
+    """Load and size every control image and fix each output size, before any model is loaded."""
+    mode = E.control_mode(args)
+    jobs = []
+    for s in specs:
+        job = Job(s)
+        if version.is_edit or version.is_layered:
+            E.check_controls(version, len(s.control_images), mode)
+            job.controls = E.load_controls(s.control_images, version)
+            if s.height is None:
+                if mode == "image":
+                    raise UserError("--resize_control_to_image_size needs --image_size")
+                s.height, s.width = E.default_output_hw(version, job.controls[0], mode)
+            L.check_image_size(s.height, s.width)
+            cmode = "image" if version.is_layered and mode == "native" and args.image_size is None else mode
+            job.prepared = [E.prepare_control(c, cmode, (s.height, s.width)) for c in job.controls]
+            if (args.mask_path or s.rcm_threshold is not None) and job.prepared[0].size != (s.width, s.height):
+                raise UserError(
+                    f"--mask_path / RCM need the first control image at the output size {s.width}x{s.height}, but "
+                    f"{s.control_images[0]} becomes {job.prepared[0].size[0]}x{job.prepared[0].size[1]}; pass "
+                    "--resize_control_to_image_size or a matching --image_size")
+        jobs.append(job)
+    return jobs
 
-    if args.latent_path:
-        for n in ("vae",):
-            if not getattr(args, n):
-                raise UserError("--latent_path needs --vae to decode")
-        latents = load_latent_files(args.latent_path)
-        vae = load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device, version.vae_channels)
-        items = [(lat, save_path / (Path(p).stem.removesuffix("_latent"))) for (lat, _), p in zip(latents, args.latent_path)]
-        return decode_and_save(vae, items, args.vae_enable_tiling)
 
-    specs = build_specs(args)
-    for n in ("dit", "text_encoder") + (("vae",) if vae_needed else ()):
+def encode_controls(vae, jobs: list[Job], version: ModelVersion) -> None:
+    for job in jobs:
+        if not job.prepared:
+            continue
+        from ..dataset.buckets import to_tensor
+
+        lats = [encode(vae, to_tensor(im).unsqueeze(0)).float().cpu() for im in job.prepared]
+        job.reference = torch.cat([L.pack(x) for x in lats], dim=1)
+        job.ref_shapes = [(1, x.shape[-2] // 2, x.shape[-1] // 2) for x in lats]
+        job.first_control = L.pack(lats[0])
+
+
+def check_models(args, needs_vae: bool) -> None:
+    for n in ("dit", "text_encoder") + (("vae",) if needs_vae else ()):
         if not getattr(args, n):
             raise UserError(f"missing required option --{n}")
         if not Path(getattr(args, n)).exists():
@@ -188,27 +288,56 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     for lw in args.lora_weight or []:
         if not Path(lw).exists():
             raise UserError(f"--lora_weight: file not found: {lw}")
-    multipliers = list(args.lora_multiplier or [1.0])
-    if args.lora_weight and len(multipliers) not in (1, len(args.lora_weight)):
+    if args.lora_weight and len(args.lora_multiplier or [1.0]) not in (1, len(args.lora_weight)):
         raise UserError(f"--lora_multiplier: give one value or one per --lora_weight ({len(args.lora_weight)})")
 
-    encoded = encode_all(specs, args, version, device, dtype)
+
+def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
+    device, dtype = compute_setup(args.device)
+    vae_dtype = torch.float32 if device.type == "cpu" else dtype
+    save_path = Path(args.save_path)
+
+    if args.latent_path:
+        if not args.vae:
+            raise UserError("--latent_path needs --vae to decode")
+        latents = load_latent_files(args.latent_path)
+        vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
+        items = [(lat, save_path / Path(p).stem.removesuffix("_latent")) for (lat, _), p in zip(latents, args.latent_path)]
+        return decode_and_save(vae, items, args.vae_enable_tiling)
+
+    specs = build_specs(args, version)
+    jobs = resolve_controls(specs, args, version)
+    has_controls = any(j.prepared for j in jobs)
+    decode_images = args.output_type in ("images", "latent_images")
+    check_models(args, decode_images or has_controls)
+
+    encoded = encode_all(specs, args, version, device, dtype, [j.controls for j in jobs] if has_controls else None)
+    for job, enc in zip(jobs, encoded):
+        job.encoded = enc
+    vae = None
+    if has_controls:
+        vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
+        encode_controls(vae, jobs, version)
 
     model = load_dit(args.dit, version, dtype, device, disable_mmap=args.disable_numpy_memmap)
     set_attention(model, args.attn_mode)
     names = linear_module_names(model)
+    multipliers = list(args.lora_multiplier or [1.0])
     for i, lw in enumerate(args.lora_weight or []):
         m = multipliers[i] if len(multipliers) > 1 else multipliers[0]
         n = merge_lora(model, load_lora(lw, names), m)
         logger.info("merged LoRA %s (%d modules) x %.3g", lw, n, m)
 
     results = []
-    for i, (spec, enc) in enumerate(zip(specs, encoded)):
+    for i, job in enumerate(jobs):
+        spec = job.spec
         t0 = time.perf_counter()
-        lat = denoise_t2i(model, spec, enc, device, dtype)
-        logger.info("sample %d/%d: seed %d, %dx%d, %d steps, %.2fs", i + 1, len(specs), spec.seed, spec.width,
+        suffix = f"_{Path(spec.control_images[0]).stem}" if args.append_original_name and spec.control_images else ""
+        stem = output_stem(save_path, spec.resolved_seed(), i, len(jobs), suffix)
+        lat = denoise(model, spec, job.encoded, device, dtype, version, job, args, debug_stem=stem)
+        logger.info("sample %d/%d: seed %d, %dx%d, %d steps, %.2fs", i + 1, len(jobs), spec.seed, spec.width,
                     spec.height, spec.steps, time.perf_counter() - t0)
-        results.append((lat[0], output_stem(save_path, spec.seed, i, len(specs)), spec))
+        results.append((lat[0], stem, spec))
     del model
     free_memory()
 
@@ -218,7 +347,7 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
             saved.append(save_safetensors({"latent": lat.contiguous()}, stem.with_name(stem.name + "_latent.safetensors"),
                                           spec_metadata(spec, version)))
             logger.info("saved %s", saved[-1])
-    if vae_needed:
-        vae = load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device, version.vae_channels)
+    if decode_images:
+        vae = vae or load_vae(args.vae, vae_dtype, device, version.vae_channels)
         saved += decode_and_save(vae, [(lat, stem) for lat, stem, _ in results], args.vae_enable_tiling)
     return saved

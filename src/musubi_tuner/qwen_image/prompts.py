@@ -3,7 +3,8 @@
     a cat on a roof --w 1024 --h 768 --d 42 --s 25 --g 4.0 --fs 2.2 --n blurry, low quality --ci ref.png
 
 --w/--h size, --d seed, --s steps, --g/--l guidance scale, --fs flow shift, --n negative prompt,
---ci control image (repeatable), --f output layers (layered).
+--ci control image (repeatable), --f output layers (layered),
+--rcm_th / --rcm_rel_th RCM absolute / relative threshold, --rcm_ks kernel size, --rcm_ds dilate size.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ from ..errors import UserError
 class GenerationSpec:
     prompt: str
     negative_prompt: str | None = None
-    height: int = 1024
-    width: int = 1024
+    height: int | None = 1024  # None: from the first control image (edit / layered)
+    width: int | None = 1024
     steps: int = 25
     guidance_scale: float = 4.0
     flow_shift: float | None = None
     seed: int | None = None
     control_images: list[str] = field(default_factory=list)
     output_layers: int | None = None
+    rcm_threshold: float | None = None
+    rcm_relative: bool = False
+    rcm_kernel_size: int = 3
+    rcm_dilate_size: int = 0
 
     def resolved_seed(self) -> int:
         if self.seed is None:
@@ -39,6 +44,8 @@ _LINE_OPTIONS = {
     "w": ("width", int), "h": ("height", int), "d": ("seed", int), "s": ("steps", int),
     "g": ("guidance_scale", float), "l": ("guidance_scale", float), "fs": ("flow_shift", float),
     "n": ("negative_prompt", str), "ci": ("control_images", str), "f": ("output_layers", int),
+    "rcm_th": ("rcm_threshold", float), "rcm_rel_th": ("rcm_threshold", float), "rcm_ks": ("rcm_kernel_size", int),
+    "rcm_ds": ("rcm_dilate_size", int),
 }
 
 
@@ -62,6 +69,8 @@ def parse_prompt_line(line: str, defaults: GenerationSpec, where: str = "prompt 
             spec.control_images.append(v)
         else:
             setattr(spec, attr, v)
+            if key in ("rcm_th", "rcm_rel_th"):
+                spec.rcm_relative = key == "rcm_rel_th"
     if not spec.prompt:
         raise UserError(f"{where}: empty prompt")
     return spec

@@ -49,6 +49,16 @@ def flow_sigmas(steps: int, image_seq_len: int, flow_shift: float | None = None,
     return torch.cat([torch.from_numpy(np.asarray(s, dtype=np.float32)), torch.zeros(1)])
 
 
+def layered_sigmas(steps: int, condition_tokens: int, shift_terminal: float | None = SHIFT_TERMINAL) -> torch.Tensor:
+    """Qwen-Image-Layered: linspace(1, 0, N+1)[:-1] shifted with mu = sqrt(condition tokens / 256), then stretched
+    to shift_terminal like the other versions (same scheduler config), then 0."""
+    s = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+    s = exponential_shift(math.sqrt(condition_tokens / 256), s)
+    if shift_terminal:
+        s = stretch_to_terminal(s, shift_terminal)
+    return torch.cat([torch.from_numpy(np.asarray(s, dtype=np.float32)), torch.zeros(1)])
+
+
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: bool = True) -> torch.Tensor:
     """neg + s*(cond - neg); with rescale, each token's prediction is scaled back to the norm of cond."""
     comb = uncond + scale * (cond - uncond)

@@ -181,7 +181,13 @@ class VLProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or Qwen2VLImageProcessorPil()
 
-    def __call__(self, text: list[str], images: list | None = None, max_length: int | None = None):
+    def __call__(self, text: list[str] | str, images: list | None = None, max_length: int | None = None, **_):
+        """Accepts the Qwen2-VL processor call (padding=True, return_tensors="pt" are implied)."""
+        from transformers import BatchFeature
+
+        text = [text] if isinstance(text, str) else text
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
         extra = {}
         if images:
             vis = self.image_processor(images=images, return_tensors="pt")
@@ -195,7 +201,7 @@ class VLProcessor:
             extra = {"pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
         enc = self.tokenizer(text, padding=True, return_tensors="pt",
                              **({"max_length": max_length, "truncation": True} if max_length and not images else {}))
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **extra}
+        return BatchFeature({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **extra})
 
 
 def load_processor(tokenizer, tokenizer_path: str | None = None) -> VLProcessor:

@@ -34,8 +34,16 @@ def tiny_dit(version: ModelVersion = VERSIONS["original"], seed: int = 0) -> Qwe
 
 
 def tiny_vae(channels: int = 3, seed: int = 0) -> AutoencoderKLQwenImage:
+    """Random weights, except the mid-block attention output projections start at zero (an identity residual
+    branch): the random decoder then stays spatially local, so region-wise checks (inpainting) mean something."""
     torch.manual_seed(seed)
-    return AutoencoderKLQwenImage(**TINY_VAE, input_channels=channels).eval()
+    vae = AutoencoderKLQwenImage(**TINY_VAE, input_channels=channels).eval()
+    with torch.no_grad():
+        for name, module in vae.named_modules():
+            if name.endswith("mid_block.attentions.0"):
+                module.proj.weight.zero_()
+                module.proj.bias.zero_()
+    return vae
 
 
 def tiny_tokenizer() -> Qwen2Tokenizer:

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import save_image
-from ..qwen_image.generate import Encoded, denoise_t2i, encode_all, to_pil
+from ..qwen_image.generate import Encoded, denoise, encode_all, to_pil
 from ..qwen_image.prompts import GenerationSpec, read_prompt_file
 from ..qwen_image.vae import decode, load_vae
 from ..qwen_image.versions import ModelVersion
@@ -41,7 +41,7 @@ class TrainingSampler:
                                 self.version.vae_channels)
         saved = []
         for i, (spec, enc) in enumerate(zip(self.specs, self.encoded)):
-            lat = denoise_t2i(model, spec, enc, self.device, self.dtype, progress=False)
+            lat = denoise(model, spec, enc, self.device, self.dtype, self.version, progress=False)
             image = to_pil(decode(self.vae, lat)[0, :, 0])
             path = self.folder / f"{self.args.output_name}_e{epoch:06d}_s{step:06d}_{i:02d}_{spec.seed}.png"
             saved.append(save_image(image, path))
