@@ -193,3 +193,20 @@ def test_missing_cache_is_a_clear_error(tmp_path, capsys):
         train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "1"))
     err = capsys.readouterr().err
     assert "qwen_image_cache_text_encoder_outputs.py" in err and "missing" in err
+
+
+@pytest.mark.parametrize("version", ["edit-2509", "layered"])
+def test_sampling_during_training_for_edit_and_layered(tmp_path, version):
+    from PIL import Image
+
+    models, toml = make_cached_dataset(tmp_path, version, n=2)
+    ctrl = sorted((tmp_path / ("data_control" if version != "layered" else "data")).glob("*.png"))[0]
+    prompts = tmp_path / "prompts.txt"
+    extra = "--f 2" if version == "layered" else f"--ci {ctrl}"  # edit-2509: two control images
+    prompts.write_text(f"a shape --ci {ctrl} {extra} --w 64 --h 64 --s 3 --d 5\n")
+    result = train_main(train_args(models, toml, tmp_path / "out", version, "--max_train_steps", "2",
+                                   "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"))
+    samples = sorted(result["sample_dir"].glob("*.png"))
+    assert len(samples) == (3 if version == "layered" else 1)  # layered: composite + 2 layers
+    assert Image.open(samples[0]).size == (64, 64)
+    assert Image.open(samples[0]).mode == ("RGBA" if version == "layered" else "RGB")
