@@ -105,7 +105,7 @@ def fixed_loss(models, toml, lora=None, seeds=24):
     from musubi_tuner.dataset.items import collect_items
     from musubi_tuner.dataset.loader import CachedBatches, check_caches
     from musubi_tuner.networks.lora_files import linear_module_names, load_lora, merge_lora
-    from musubi_tuner.training.loss import flow_matching_loss
+    from musubi_tuner.training.loss import flow_matching_loss, sample_generators
 
     version = VERSIONS["original"]
     model = load_dit(models["dit"], version, torch.float32)
@@ -116,8 +116,9 @@ def fixed_loss(models, toml, lora=None, seeds=24):
                               logit_std=1.0, mode_scale=1.29, weighting_scheme="none", min_timestep=0.0,
                               max_timestep=1000.0, remove_first_image_from_target=False)
     with torch.no_grad():
-        losses = [flow_matching_loss(model, data[(0, i)], version, args, torch.Generator().manual_seed(s), "cpu",
-                                     torch.float32).item() for s in range(seeds) for i in range(len(data))]
+        losses = [flow_matching_loss(model, data[(0, i)], version, args,
+                                     sample_generators(s, data[(0, i)]["sample_keys"]), "cpu", torch.float32).item()
+                  for s in range(seeds) for i in range(len(data))]
     return float(np.mean(losses))
 
 

@@ -49,3 +49,42 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     return Path(path)
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+if hasattr(torch, "float8_e4m3fn"):
+    _ST_DTYPES.update({torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"})
+
+
+def save_safetensors_streaming(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                               metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a safetensors file tensor by tensor (header first, then each tensor's bytes), converting to `dtype` one
+    tensor at a time: peak extra memory is one tensor, not a second copy of the whole state dict."""
+    import struct
+
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t
+
+    header, offset = {}, 0
+    for k, t in tensors.items():
+        dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        n = t.numel() * torch.empty((), dtype=dt).element_size()
+        header[k] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for k, t in tensors.items():
+            c = conv(t).contiguous().cpu()
+            f.write(c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+            del c
+    return Path(path)

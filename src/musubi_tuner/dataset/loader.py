@@ -65,16 +65,21 @@ def check_caches(items: list[ImageItem], version: ModelVersion, vae: str | None 
 
 
 class CachedBatches(torch.utils.data.Dataset):
-    """Index (epoch, i) -> the i-th batch of that epoch for this process."""
+    """Index (epoch, i) -> this process's part of the i-th global batch of that epoch.
+
+    Global batches hold batch_size x num_processes samples of one dataset and one layout; each process takes its
+    batch_size slice, so a run on N processes sees exactly the batches of a 1-process run with N times the batch size.
+    Every sample carries a key (epoch, global batch, position) from which its noise and timestep are drawn.
+    """
 
     def __init__(self, items: list[CachedItem], seed: int, num_processes: int = 1, process_index: int = 0):
         self.items, self.seed = items, seed
         self.num_processes, self.process_index = num_processes, process_index
-        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self._epoch_cache: dict[int, list[list[tuple[int, int]]]] = {}
         self.batches_per_epoch = len(self.epoch_batches(0))
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This process's batches of `epoch` (lists of item indices)."""
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This process's batches of `epoch`: lists of (item index, position in the global batch)."""
         if epoch not in self._epoch_cache:
             rng = random.Random(self.seed * 1_000_003 + epoch)
             groups: dict[tuple, list[int]] = {}
@@ -83,15 +88,20 @@ class CachedBatches(torch.utils.data.Dataset):
             batches = []
             for (_, _), idx in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
                 rng.shuffle(idx)
-                bs = self.items[idx[0]].batch_size
-                batches += [idx[j:j + bs] for j in range(0, len(idx), bs)]
+                bs = self.items[idx[0]].batch_size * self.num_processes
+                full = [idx[j:j + bs] for j in range(0, len(idx), bs)]
+                # with several processes, a last partial global batch cannot be split evenly: it is dropped
+                batches += [b for b in full if len(b) == bs or self.num_processes == 1]
             rng.shuffle(batches)
-            per = len(batches) // self.num_processes
-            if per == 0:
-                raise UserError(f"{len(batches)} batches per epoch cannot be shared by {self.num_processes} processes; "
-                                "add images or num_repeats")
-            # every process gets the same number of distinct batches (the remainder is dropped this epoch)
-            self._epoch_cache = {epoch: batches[self.process_index:per * self.num_processes:self.num_processes]}
+            if not batches:
+                raise UserError(f"no complete global batch (batch_size x {self.num_processes} processes) per epoch; "
+                                "add images, num_repeats or lower batch_size")
+            mine = []
+            for g in batches:
+                per = len(g) // self.num_processes
+                lo = self.process_index * per
+                mine.append([(g[k], k) for k in range(lo, lo + per)])
+            self._epoch_cache = {epoch: mine}
         return self._epoch_cache[epoch]
 
     def __len__(self) -> int:
@@ -99,9 +109,10 @@ class CachedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: tuple[int, int]) -> dict:
         epoch, i = index
-        members = [self.items[j] for j in self.epoch_batches(epoch)[i]]
+        members = self.epoch_batches(epoch)[i]
         lat, ctrls, texts = [], [], []
-        for it in members:
+        for j, _ in members:
+            it = self.items[j]
             with safe_open(str(it.latent_path), framework="pt") as f:
                 lat.append(f.get_tensor("latents").float())
                 ctrls.append([f.get_tensor(k).float() for k in sorted(k for k in f.keys() if k.startswith("control_"))])
@@ -110,7 +121,7 @@ class CachedBatches(torch.utils.data.Dataset):
         text, mask = pad_embeds(texts)
         controls = [torch.stack([c[k] for c in ctrls]) for k in range(len(ctrls[0]))]
         return {"latents": torch.stack(lat), "controls": controls, "text": text, "text_mask": mask,
-                "epoch": epoch, "index": i}
+                "sample_keys": [(epoch, i, pos) for _, pos in members], "items": [j for j, _ in members]}
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -16,7 +16,19 @@ def split_layered(latents: torch.Tensor, remove_first: bool) -> tuple[torch.Tens
     return (latents[:, :, 1:] if remove_first else latents), cond
 
 
-def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generator: torch.Generator,
+def sample_generators(seed: int, keys) -> list[torch.Generator]:
+    """One generator per sample, from the run seed and the sample's (epoch, global batch, position) key: noise and
+    timesteps are then independent of how batches are split across processes or resumed."""
+    out = []
+    for key in keys:
+        s = seed
+        for k in key:
+            s = (s * 1_000_003 + int(k) + 1) % (2**63)
+        out.append(torch.Generator().manual_seed(s))
+    return out
+
+
+def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generators: list[torch.Generator],
                        device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     x0 = batch["latents"]  # (B, 16, F, h, w)
     refs: list[torch.Tensor] = list(batch.get("controls") or []) if version.is_edit else []
@@ -24,11 +36,12 @@ def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generato
         x0, cond = split_layered(x0, args.remove_first_image_from_target)
         refs = [cond]
     b, _, frames, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=generator)
-    t = sample_t(args.timestep_sampling, b, generator, shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale,
-                 logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
-                 weighting_scheme=args.weighting_scheme, image_seq_len=(h // 2) * (w // 2),
-                 min_timestep=args.min_timestep, max_timestep=args.max_timestep)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
+    t = torch.cat([sample_t(args.timestep_sampling, 1, g, shift=args.discrete_flow_shift,
+                            sigmoid_scale=args.sigmoid_scale, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                            mode_scale=args.mode_scale, weighting_scheme=args.weighting_scheme,
+                            image_seq_len=(h // 2) * (w // 2), min_timestep=args.min_timestep,
+                            max_timestep=args.max_timestep) for g in generators])
     tt = t.view(b, 1, 1, 1, 1)
     noisy = L.pack((1 - tt) * x0 + tt * noise).to(device)
     target = L.pack(noise - x0).to(device)

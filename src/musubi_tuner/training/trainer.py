@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..qwen_image.dit import load_dit
 from ..qwen_image.versions import ModelVersion
 from .checkpoints import TrainState, checkpoint_name, load_state, prune, save_state
-from .loss import flow_matching_loss
+from .loss import flow_matching_loss, sample_generators
 from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ class Mode:
     def extension(self) -> str:
         return ".safetensors"
 
+    def attach_optimizer(self, optimizer, params) -> None:
+        """Called once the optimizer exists (full finetuning hooks the fused backward pass here)."""
+
+    fused = None  # set when the optimizer steps inside backward
+
 
 def save_dtype(name: str | None) -> torch.dtype | None:
     return {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
@@ -99,7 +104,7 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.log_with is None else ([args.log_with] if args.log_with != "all" else "all"),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
-        cpu=args.device == "cpu",
+        cpu=args.device == "cpu" or not torch.cuda.is_available(),
     )
     set_seed(args.seed)
     device = accelerator.device
@@ -135,6 +140,7 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
     scheduler = build_scheduler(optimizer, args.lr_scheduler, total_steps, args.lr_warmup_steps,
                                 args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_min_lr_ratio)
 
+    mode.attach_optimizer(optimizer, params)
     state = TrainState()
     if args.resume:
         state, weights, _ = load_state(args.resume, optimizer, scheduler)
@@ -165,6 +171,7 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         sampler(transformer, 0, 0, accelerator)
 
     trainable.train()
+    trace = Trace(accelerator.process_index)
     losses: list[float] = []
     bar = tqdm(total=total_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     start_batch = state.batch
@@ -177,25 +184,26 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
             micro = epoch_sampler.start
             for batch in loader:
                 is_last = micro == len(dataset) - 1
-                seed = (args.seed * 1_000_003 + epoch) * 1_000_003 + micro
                 with accelerator.autocast():
-                    loss = flow_matching_loss(transformer, batch, version, args, torch.Generator().manual_seed(seed),
-                                              device, compute_dtype)
+                    loss = flow_matching_loss(transformer, batch, version, args,
+                                              sample_generators(args.seed, batch["sample_keys"]), device, compute_dtype)
                 if not torch.isfinite(loss):
                     raise UserError(f"loss is {loss.item()} at step {state.global_step + 1} (epoch {epoch + 1}); "
                                     "lower --learning_rate, use --mixed_precision bf16 or check the caches")
                 accelerator.backward(loss / ga)
+                trace.items.append(batch["items"])
                 micro += 1
                 state.batch = micro
                 losses.append(loss.item())
                 if micro % ga and not is_last:
                     continue
-                sync_gradients(accelerator, params)
-                if args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
+                if mode.fused is None:  # the fused backward pass has already stepped every parameter
+                    sync_gradients(accelerator, params)
+                    if args.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 step_loss = sum(losses[-ga:]) / len(losses[-ga:])
                 lr = scheduler.get_last_lr()[0]
@@ -235,12 +243,31 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         accelerator.end_training()
         raise SystemExit(130) from None
     bar.close()
+    trace.write(trainable)
     save(final=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     final = output_dir / (args.output_name + mode.extension())
     return {"final": final, "losses": losses, "steps": state.global_step, "loss_log": loss_log,
             "logging_dir": logging_dir, "sample_dir": output_dir / "sample"}
+
+
+class Trace:
+    """With MUSUBI_TUNER_TRACE_DIR set, each process writes the items it trained on and a checksum of its trainable
+    weights (used by the multi-process tests; costs nothing otherwise)."""
+
+    def __init__(self, rank: int):
+        import os
+
+        self.dir, self.rank, self.items = os.environ.get("MUSUBI_TUNER_TRACE_DIR"), rank, []
+
+    def write(self, module: torch.nn.Module) -> None:
+        if not self.dir:
+            return
+        with torch.no_grad():
+            checksum = float(sum(p.double().sum() for p in module.state_dict().values() if p.is_floating_point()))
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.dir) / f"rank{self.rank}.json").write_text(json.dumps({"items": self.items, "checksum": checksum}))
 
 
 def sync_gradients(accelerator, params: list[torch.Tensor]) -> None:
