@@ -62,9 +62,9 @@ def test_image_size_not_multiple_of_16(tmp_path, capsys, tiny_models):
     assert not out.exists()
 
 
-def test_unavailable_options_fail_loudly(tmp_path, capsys, tiny_models):
+def test_blocks_to_swap_out_of_range(tmp_path, capsys, tiny_models):
     line = run_cli_inprocess(capsys, base_args(tiny_models, tmp_path / "o") + ["--blocks_to_swap", "4"])
-    assert "--blocks_to_swap" in line
+    assert "--blocks_to_swap must be between 1 and 1" in line
 
 
 def test_real_cli_subprocess(tmp_path, tiny_models):

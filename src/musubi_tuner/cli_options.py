@@ -36,10 +36,13 @@ def version_from_args(args: argparse.Namespace) -> ModelVersion:
 def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     g = p.add_argument_group("memory")
     if training:
-        g.add_argument("--fp8_base", action="store_true", help="keep DiT weights in float8_e4m3fn, compute in bf16")
-    g.add_argument("--fp8_scaled", action="store_true", help="quantise DiT Linear weights to fp8 with scales at load")
+        g.add_argument("--fp8_base", action="store_true", help="keep DiT block Linear weights in float8_e4m3fn, "
+                       "compute in bf16")
+    g.add_argument("--fp8_scaled", action="store_true", help="quantise DiT block Linear weights to fp8 with "
+                   "per-channel scales at load (better than plain --fp8_base)")
     g.add_argument("--fp8_vl", action="store_true", help="run the Qwen2.5-VL text encoder in fp8")
-    g.add_argument("--blocks_to_swap", type=int, default=0, help="keep this many DiT blocks in CPU memory")
+    g.add_argument("--blocks_to_swap", type=int, default=0, help="keep this many DiT blocks in CPU memory and "
+                   "stream them in when used (training: also in backward)")
     g.add_argument("--disable_numpy_memmap", action="store_true",
                    help="read weight files with plain reads instead of memory mapping (more RAM, sometimes faster)")
 

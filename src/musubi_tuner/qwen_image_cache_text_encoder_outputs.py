@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     opts.add_dataset_args(p)
     opts.add_model_args(p, dit=False, vae=False)
-    p.add_argument("--fp8_vl", action="store_true", help="run the text encoder in fp8 (not available yet)")
+    p.add_argument("--fp8_vl", action="store_true", help="fp8 weights for the text encoder (less VRAM)")
     return p
 
 
@@ -23,7 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     opts.require(args, "dataset_config", "text_encoder")
-    opts.refuse_unavailable(args, {"fp8_vl": "the fp8 text encoder is not implemented yet; run without it"})
     from musubi_tuner.dataset.caching import cache_text_encoder_outputs
 
     return cache_text_encoder_outputs(args, opts.version_from_args(args))

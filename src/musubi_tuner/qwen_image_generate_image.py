@@ -12,11 +12,6 @@ from musubi_tuner import cli_options as opts  # noqa: E402
 from musubi_tuner.errors import cli_main  # noqa: E402
 from musubi_tuner.qwen_image.generate import ATTN_BACKENDS  # noqa: E402
 
-LATER = {
-    "fp8_scaled": "fp8 weights are not implemented yet; run without it (more VRAM)",
-    "fp8_vl": "the fp8 text encoder is not implemented yet; use --text_encoder_cpu to save VRAM",
-    "blocks_to_swap": "block swapping is not implemented yet",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     version = opts.version_from_args(args)
-    opts.refuse_unavailable(args, LATER)
     from musubi_tuner.qwen_image.generate import run
 
     return run(args, version)

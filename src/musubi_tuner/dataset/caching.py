@@ -115,6 +115,10 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
                 processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer)
                 te = load_text_encoder(args.text_encoder, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                        device)
+                if args.fp8_vl:
+                    from ..qwen_image.generate import quantize_text_encoder
+
+                    quantize_text_encoder(te, device)
             images = None
             if version.is_edit:
                 images = [prepare_item(it, version, with_targets=False).control_images for it, _, _ in batch]

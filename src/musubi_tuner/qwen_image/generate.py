@@ -25,7 +25,6 @@ from ..networks.lora_files import linear_module_names, load_lora, merge_lora
 from . import edit as E
 from . import latents as L
 from .denoise import predict_velocity
-from .dit import load_dit
 from .prompts import GenerationSpec, read_prompt_file
 from .sampler import cfg_combine, flow_sigmas, layered_sigmas, sample
 from .text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
@@ -72,6 +71,16 @@ class Job:
     first_control: torch.Tensor | None = None  # packed first control latent (inpainting / RCM)
 
 
+def quantize_text_encoder(te, device) -> None:
+    """--fp8_vl: fp8 (per-channel scaled) weights for the Linear layers of the language model and vision tower."""
+    from ..memory.fp8 import quantize_linears
+
+    errors = quantize_linears(te, prefix="model.language_model.layers.", device=device)
+    errors.update(quantize_linears(te, prefix="model.visual.blocks.", device=device))
+    logger.info("fp8_vl: %d Linear layers quantised (worst relative RMS error %.4f)", len(errors),
+                max(errors.values(), default=0.0))
+
+
 def negative_of(spec: GenerationSpec) -> str:
     return spec.negative_prompt if spec.negative_prompt else " "
 
@@ -89,6 +98,8 @@ def encode_all(specs: list[GenerationSpec], args, version: ModelVersion, device,
     te_dtype = torch.float32 if te_device.type == "cpu" else dtype
     processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer)
     te = load_text_encoder(args.text_encoder, te_dtype, te_device)
+    if getattr(args, "fp8_vl", False):
+        quantize_text_encoder(te, te_device)
     cache: dict = {}
     out = []
     for i, s in enumerate(specs):
@@ -319,7 +330,9 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
         vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
         encode_controls(vae, jobs, version)
 
-    model = load_dit(args.dit, version, dtype, device, disable_mmap=args.disable_numpy_memmap)
+    from ..memory.placement import load_dit_with_options
+
+    model, _ = load_dit_with_options(args, version, dtype, device)
     set_attention(model, args.attn_mode)
     names = linear_module_names(model)
     multipliers = list(args.lora_multiplier or [1.0])

@@ -22,7 +22,7 @@ from ..dataset.config import load_dataset_config
 from ..dataset.items import collect_items
 from ..dataset.loader import CachedBatches, check_caches, make_loader
 from ..errors import UserError
-from ..qwen_image.dit import load_dit
+from ..memory.placement import load_dit_with_options
 from ..qwen_image.versions import ModelVersion
 from .checkpoints import TrainState, checkpoint_name, load_state, prune, save_state
 from .loss import flow_matching_loss, sample_generators
@@ -30,16 +30,7 @@ from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_FLAGS = {"xformers": "xformers", "flash_attn": "flash", "sage_attn": "sage"}
-NOT_YET = {
-    "fp8_base": "fp8 weights are not implemented yet; run without --fp8_base/--fp8_scaled (more VRAM)",
-    "fp8_scaled": "fp8 weights are not implemented yet; run without --fp8_base/--fp8_scaled (more VRAM)",
-    "fp8_vl": "the fp8 text encoder is not implemented yet",
-    "blocks_to_swap": "block swapping is not implemented yet",
-    "gradient_checkpointing_cpu_offload": "activation CPU offload is not implemented yet; use --gradient_checkpointing",
-    "split_attn": "split attention is not implemented yet",
-    "compile": "torch.compile is not wired in yet",
-}
+ATTENTION_FLAGS = {"xformers": "xformers", "flash_attn": "flash", "sage_attn": "sageattn"}  # -> --attn_mode names
 
 
 def after_optimizer_step(step: int) -> None:
@@ -80,7 +71,6 @@ def save_dtype(name: str | None) -> torch.dtype | None:
 def validate(args, version: ModelVersion) -> list:
     """All checks that need no model, before anything heavy is loaded."""
     opts.require(args, "dit", "vae", "text_encoder", "dataset_config", "output_dir")
-    opts.refuse_unavailable(args, NOT_YET)
     for n in ("dit", "vae", "text_encoder"):
         if not Path(getattr(args, n)).exists():
             raise UserError(f"--{n}: file not found: {getattr(args, n)}")
@@ -117,14 +107,15 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
 
         sampler = TrainingSampler(args, version, device, compute_dtype)
 
-    transformer = load_dit(args.dit, version, dtype, device, disable_mmap=args.disable_numpy_memmap)
+    if args.blocks_to_swap and mode.name == "full" and not args.fused_backward_pass:
+        raise UserError("--blocks_to_swap in full finetuning needs --fused_backward_pass (each block is updated "
+                        "while it is on the device)")
+    transformer, _ = load_dit_with_options(args, version, dtype, device, training=True)
     for flag, backend in ATTENTION_FLAGS.items():
         if getattr(args, flag):
             from ..qwen_image.generate import set_attention
 
-            set_attention(transformer, {"xformers": "xformers", "flash": "flash", "sage": "sageattn"}[backend])
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+            set_attention(transformer, backend)
     groups = mode.setup(transformer, args)
     trainable = mode.trainable_module()
     params = [p for g in groups for p in g["params"]]

@@ -1,0 +1,103 @@
+"""fp8 weights for nn.Linear layers: `--fp8_base` (plain float8_e4m3fn storage) and `--fp8_scaled` (per-output-channel
+or block-wise scales chosen so each row/block uses the full e4m3 range).
+
+A quantised Linear keeps its class and name (LoRA and block swap see an ordinary Linear); its weight becomes a frozen
+float8 tensor with a float32 `scale_weight` buffer and its forward dequantises to the activation dtype, or, on GPUs
+with fp8 tensor cores and when no gradient is needed, multiplies in fp8 with `torch._scaled_mm`.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+USE_SCALED_MM = True  # module switch (benchmarks compare both paths)
+
+
+def quantize_weight(w: torch.Tensor, mode: str = "channel", block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight -> (fp8 weight, float32 scale) with w ~= fp8 * scale.
+
+    mode "tensor": scale 1 (plain cast, --fp8_base); "channel": one scale per output row, shape (out, 1);
+    "block": one scale per row and block of `block_size` inputs, shape (out, in // block_size, 1)."""
+    w32 = w.float()
+    if mode == "tensor":
+        return w32.clamp(-FP8_MAX, FP8_MAX).to(FP8), torch.ones((), dtype=torch.float32, device=w.device)
+    if mode == "block" and w.shape[1] % block_size == 0:
+        blocks = w32.view(w.shape[0], w.shape[1] // block_size, block_size)
+        scale = (blocks.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        return (blocks / scale).to(FP8).view_as(w), scale
+    scale = (w32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (w32 / scale).to(FP8), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if scale.ndim == 3:  # block-wise
+        out, n_blocks, _ = scale.shape
+        return (q.to(dtype).view(out, n_blocks, -1) * scale.to(dtype)).view(q.shape)
+    return q.to(dtype) * scale.to(dtype)
+
+
+def relative_rms_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    d = dequantize_weight(q, scale, torch.float32)
+    return float((d - w.float()).pow(2).mean().sqrt() / w.float().pow(2).mean().sqrt())
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    if not (USE_SCALED_MM and device.type == "cuda" and hasattr(torch, "_scaled_mm")):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    scale = self.scale_weight
+    if (scale.ndim == 2 and not torch.is_grad_enabled() and x.dtype == torch.bfloat16
+            and scaled_mm_available(x.device) and x.shape[-1] % 16 == 0 and self.out_features % 16 == 0):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        xq = (x2 / x_scale).to(FP8)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=scale.t().contiguous(),
+                             bias=self.bias, out_dtype=torch.bfloat16)
+        return y.reshape(*shape[:-1], self.out_features)
+    w = dequantize_weight(self.weight, scale, x.dtype)
+    return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+
+def make_fp8_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Turn `module` into an fp8 Linear holding (q, scale)."""
+    module.weight = nn.Parameter(q, requires_grad=False)
+    if "scale_weight" in module._buffers:
+        module.scale_weight = scale
+    else:
+        module.register_buffer("scale_weight", scale)
+    module.forward = types.MethodType(_fp8_forward, module)
+
+
+def quantize_linears(model: nn.Module, prefix: str = "transformer_blocks.", mode: str = "channel",
+                     block_size: int = 64, exclude: tuple[str, ...] = (), device: torch.device | None = None
+                     ) -> dict[str, float]:
+    """Quantise every nn.Linear whose name starts with `prefix` in place (computing on `device`, e.g. the GPU, and
+    leaving the result where the weight was); returns {name: relative RMS error}."""
+    errors = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.startswith(prefix) and not any(e in name for e in exclude) \
+                and m.weight.dtype != FP8:
+            home = m.weight.device
+            w = m.weight.data.to(device or home)
+            q, s = quantize_weight(w, mode, block_size)
+            errors[name] = relative_rms_error(w, q, s)
+            make_fp8_linear(m, q.to(home), s.to(home))
+            del w
+    return errors
+
+
+def is_quantized_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and m.weight.dtype == FP8

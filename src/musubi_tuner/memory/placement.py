@@ -1,0 +1,57 @@
+"""Apply the memory options to a loaded DiT in one place, for inference and training alike:
+fp8 weights (--fp8_base / --fp8_scaled), block swap (--blocks_to_swap), attention (--split_attn, backends),
+gradient checkpointing with optional CPU offload, torch.compile."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import UserError
+from ..qwen_image.dit import load_dit
+from ..qwen_image.versions import ModelVersion
+from .attention import enable_checkpointing, enable_split_attention
+from .block_swap import enable_block_swap
+from .fp8 import quantize_linears
+
+logger = logging.getLogger(__name__)
+
+
+def fp8_mode(args) -> str | None:
+    if getattr(args, "fp8_scaled", False):
+        return "channel"
+    if getattr(args, "fp8_base", False):
+        return "tensor"
+    return None
+
+
+def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, device: torch.device,
+                          training: bool = False):
+    """Returns (model, swapper or None). With block swap the model is loaded into CPU memory first and only the
+    resident blocks go to the device, so peak device memory never holds the whole model."""
+    swap = getattr(args, "blocks_to_swap", 0) or 0
+    model = load_dit(args.dit, version, dtype, "cpu" if swap else device,
+                     disable_mmap=getattr(args, "disable_numpy_memmap", False))
+    mode = fp8_mode(args)
+    if mode:
+        errors = quantize_linears(model, mode=mode, device=device)
+        worst = max(errors.values()) if errors else 0.0
+        logger.info("fp8 (%s): %d Linear layers quantised, worst relative RMS weight error %.4f", mode,
+                    len(errors), worst)
+    swapper = None
+    if swap:
+        n = len(model.transformer_blocks)
+        if not 0 < swap < n:
+            raise UserError(f"--blocks_to_swap must be between 1 and {n - 1} for this DiT ({n} blocks), got {swap}")
+        swapper = enable_block_swap(model, swap, device)
+    if getattr(args, "split_attn", False):
+        enable_split_attention(model)
+    if training and getattr(args, "gradient_checkpointing", False):
+        enable_checkpointing(model, getattr(args, "gradient_checkpointing_cpu_offload", False))
+    elif training and getattr(args, "gradient_checkpointing_cpu_offload", False):
+        raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
+    if getattr(args, "compile", False):
+        for block in model.transformer_blocks:
+            block.compile()
+    return model, swapper

@@ -1,0 +1,199 @@
+"""fp8 weights and block swap on CPU: numerics against the plain model, residency of every block when used."""
+
+import pytest
+import torch
+from torch import nn
+
+from musubi_tuner.memory import fp8
+from musubi_tuner.memory.block_swap import BlockSwapper
+from musubi_tuner.networks.lora_qwen_image import create_network
+from musubi_tuner.qwen_image.tiny import tiny_dit
+
+
+def dit_inputs(seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 16, 64, generator=g), timestep=torch.full((batch,), 0.4),
+                encoder_hidden_states=torch.randn(batch, 7, 256, generator=g), img_shapes=[[(1, 4, 4)]] * batch,
+                return_dict=False)
+
+
+@pytest.mark.parametrize("mode,bound", [("channel", 0.04), ("block", 0.035), ("tensor", 0.1)])
+def test_fp8_weight_error_is_bounded(mode, bound):
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) * 0.02
+    w[3, 7] = 0.5  # an outlier: per-channel / block scales confine its effect to its row / block
+    q, s = fp8.quantize_weight(w, mode)
+    err = fp8.relative_rms_error(w, q, s)
+    print(f"fp8 {mode}: relative RMS weight error {err:.4f}")
+    assert q.dtype == torch.float8_e4m3fn and err < bound
+
+
+def test_fp8_scaled_forward_equals_dequantized_forward():
+    model = tiny_dit(seed=1)
+    ref = tiny_dit(seed=1)
+    errors = fp8.quantize_linears(model, mode="channel")
+    assert len(errors) == 28 and max(errors.values()) < 0.04
+    assert model.img_in.weight.dtype == torch.float32 and model.proj_out.weight.dtype == torch.float32
+    assert model.transformer_blocks[0].img_norm1.__class__ is nn.LayerNorm
+    # reference: the same quantised values, dequantised into ordinary float weights
+    for name, m in model.named_modules():
+        if fp8.is_quantized_linear(m):
+            dict(ref.named_modules())[name].weight.data = fp8.dequantize_weight(m.weight, m.scale_weight, torch.float32)
+    with torch.no_grad():
+        a, b = model(**dit_inputs())[0], ref(**dit_inputs())[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():
+        full = tiny_dit(seed=1)(**dit_inputs())[0]
+    print(f"fp8 vs full precision output: rel err {((a - full).norm() / full.norm()).item():.4f}")
+    assert ((a - full).norm() / full.norm()) < 0.1
+
+
+def test_lora_trains_on_top_of_fp8():
+    model = tiny_dit()
+    fp8.quantize_linears(model, mode="block")
+    model.requires_grad_(False)
+    net = create_network(1.0, 4, 4, None, None, model)
+    net.apply_to(None, model)
+    for l in net.unet_loras:
+        nn.init.normal_(l.lora_up.weight, std=0.01)
+    out = model(**dit_inputs())[0]
+    out.pow(2).mean().backward()
+    no_grad = {l.module_name for l in net.unet_loras if l.lora_down.weight.grad is None}
+    # only the last block's text-stream outputs get no gradient (their result is never used)
+    assert no_grad == {"transformer_blocks.1.attn.to_add_out", "transformer_blocks.1.txt_mlp.net.0.proj",
+                       "transformer_blocks.1.txt_mlp.net.2"}
+    assert all(torch.isfinite(l.lora_down.weight.grad).all() for l in net.unet_loras if l.module_name not in no_grad)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+class PoisonMover:
+    """Simulated device pair on CPU: an offloaded tensor's data is replaced by NaNs (kept aside), so any use of an
+    offloaded block poisons the result, and every move gives the data new storage."""
+
+    def __init__(self):
+        self.stash = {}
+
+    def to_host(self, module):
+        for t in list(module.parameters()) + list(module.buffers()):
+            self.stash[id(t)] = t.data
+            t.data = torch.full_like(t.data, float("nan"))
+
+    def to_device(self, module):
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.data = self.stash.pop(id(t)).clone()
+
+    def wait(self, event):
+        pass
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("train", ["lora", "full", "inference"])
+def test_block_swap_equals_no_swap(checkpointing, train):
+    def build():
+        torch.manual_seed(0)
+        m = tiny_dit(seed=2)
+        m.transformer_blocks.extend([tiny_dit(seed=3).transformer_blocks[0], tiny_dit(seed=4).transformer_blocks[1]])
+        if checkpointing:
+            m.enable_gradient_checkpointing()
+        net = None
+        if train == "lora":
+            m.requires_grad_(False)
+            net = create_network(1.0, 4, 4, None, None, m)
+            net.apply_to(None, m)
+            for l in net.unet_loras:
+                nn.init.normal_(l.lora_up.weight, std=0.02, generator=torch.Generator().manual_seed(5))
+        m.train(train != "inference")
+        return m, net
+
+    def run(m, net):
+        ctx = torch.no_grad() if train == "inference" else torch.enable_grad()
+        with ctx:
+            outs = [m(**dit_inputs(seed=s))[0] for s in range(2)]  # two passes (e.g. CFG, or two steps)
+        if train == "inference":
+            return outs, []
+        (outs[0].pow(2).mean() + outs[1].abs().mean()).backward()
+        params = net.parameters() if net is not None else m.parameters()
+        return outs, [p.grad.clone() for p in params if p.grad is not None]
+
+    ref_out, ref_grads = run(*build())
+    m, net = build()
+    uses = []
+    swapper = BlockSwapper(m.transformer_blocks, 3, "cpu", mover=PoisonMover(), on_use=lambda i, r: uses.append((i, r)))
+    out, grads = run(m, net)
+    assert all(r for _, r in uses) and {i for i, _ in uses} == {0, 1, 2, 3}
+    for a, b in zip(ref_out, out):
+        assert torch.equal(a, b)
+    assert len(grads) == len(ref_grads) and all(torch.equal(a, b) for a, b in zip(ref_grads, grads))
+    swapper.remove()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def _grads(model_fn, batch=2, mask=None):
+    m = model_fn()
+    inp = dit_inputs(batch=batch)
+    if mask is not None:
+        inp["encoder_hidden_states_mask"] = mask
+    out = m(**inp)[0]
+    out.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_gradient_checkpointing_and_cpu_offload_give_same_gradients(offload):
+    from musubi_tuner.memory.attention import enable_checkpointing
+
+    def ckpt():
+        m = tiny_dit(seed=7)
+        enable_checkpointing(m, cpu_offload=offload)
+        return m
+
+    ref_out, ref = _grads(lambda: tiny_dit(seed=7).train())
+    out, got = _grads(lambda: ckpt().train())
+    assert torch.allclose(out, ref_out, atol=1e-6) and ref.keys() == got.keys()
+    assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+
+
+def test_split_attention_equals_masked_batch():
+    from musubi_tuner.memory.attention import enable_split_attention
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+
+    def split():
+        m = tiny_dit(seed=8)
+        enable_split_attention(m)
+        return m
+
+    ref_out, ref = _grads(lambda: tiny_dit(seed=8), mask=mask)
+    out, got = _grads(split, mask=mask)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    assert all(torch.allclose(ref[k], got[k], atol=1e-5) for k in ref)
+
+
+def test_generation_with_fp8_scaled_and_block_swap(tmp_path, tiny_models):
+    from safetensors.torch import load_file
+
+    from musubi_tuner.qwen_image_generate_image import main as generate_main
+
+    common = ["--dit", str(tiny_models["dit"]), "--vae", str(tiny_models["vae"]), "--text_encoder",
+              str(tiny_models["text_encoder"]), "--prompt", "x", "--image_size", "64", "64", "--infer_steps", "4",
+              "--seed", "3", "--output_type", "latent", "--device", "cpu"]
+    plain = load_file(str(generate_main(common + ["--save_path", str(tmp_path / "a")])[0]))["latent"]
+    swap = load_file(str(generate_main(common + ["--save_path", str(tmp_path / "b"), "--blocks_to_swap", "1"])[0]))
+    assert torch.equal(swap["latent"], plain)
+    q = load_file(str(generate_main(common + ["--save_path", str(tmp_path / "c"), "--fp8_scaled", "--fp8_vl",
+                                              "--blocks_to_swap", "1"])[0]))["latent"]
+    rel = ((q - plain).norm() / plain.norm()).item()
+    print(f"fp8_scaled + fp8_vl generation: relative latent difference {rel:.4f}")
+    assert 0 < rel < 0.1
+
+
+def test_training_with_memory_options(tmp_path):
+    from conftest import make_cached_dataset, train_args
+
+    from musubi_tuner.qwen_image_train_network import main as train_main
+
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    r = train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "2",
+                              "--fp8_base", "--fp8_scaled", "--blocks_to_swap", "1", "--gradient_checkpointing",
+                              "--gradient_checkpointing_cpu_offload", "--split_attn", "--learning_rate", "1e-2"))
+    assert r["steps"] == 2 and all(torch.isfinite(torch.tensor(r["losses"])))
