@@ -176,10 +176,16 @@ class VLProcessor:
     image_token = "<|image_pad|>"
 
     def __init__(self, tokenizer, image_processor=None):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
         self.tokenizer = tokenizer
-        self.image_processor = image_processor or Qwen2VLImageProcessorPil()
+        self._image_processor = image_processor
+
+    @property
+    def image_processor(self):
+        if self._image_processor is None:  # only edit prompts need it
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            self._image_processor = Qwen2VLImageProcessorPil()
+        return self._image_processor
 
     def __call__(self, text: list[str] | str, images: list | None = None, max_length: int | None = None, **_):
         """Accepts the Qwen2-VL processor call (padding=True, return_tensors="pt" are implied)."""
