@@ -90,7 +90,16 @@ def run_config(name: str, layers: int, device, tiny: bool, steps: int, size: int
     sync(device)
     setup = time.perf_counter() - t0
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # drop what setup cached (the real loader never holds the whole bf16 model)
         torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):  # sampling-style forward
+        model(**x)
+        sync(device)
+        tf = time.perf_counter()
+        for _ in range(steps):
+            model(**x)
+        sync(device)
+    fwd = (time.perf_counter() - tf) / steps
     with torch.autocast(device.type, dtype=torch.bfloat16):
         lora_step(model, net, opt, x)  # warm-up
         sync(device)
@@ -105,15 +114,16 @@ def run_config(name: str, layers: int, device, tiny: bool, steps: int, size: int
         swapper.remove()
     del model, net, opt, swapper, x
     return {"config": name, "peak_allocated_gib": round(peak, 2), "peak_reserved_gib": round(reserved, 2),
-            "s_per_it": round(sec, 3), "setup_s": round(setup, 1)}
+            "s_per_it": round(sec, 3), "forward_s": round(fwd, 3), "setup_s": round(setup, 1)}
 
 
 def check_swap_exact(device, tiny: bool) -> dict:
-    """fwd+bwd with LoRA on 6 full-width blocks: block swap (3) must equal no swap bit for bit."""
+    """fwd+bwd with LoRA on 6 full-width blocks: block swap (3) against no swap, next to no swap against itself (the
+    run-to-run noise of the GPU kernels); max relative difference over outputs and LoRA gradients."""
     res = {}
     for ckpt in (False, True):
         grads = []
-        for swap in (0, 3):
+        for swap in (0, 0, 3):
             torch.manual_seed(0)
             model = random_dit(6, device, tiny, seed=3)
             swapper = enable_block_swap(model, swap, device) if swap else None
@@ -134,7 +144,11 @@ def check_swap_exact(device, tiny: bool) -> dict:
             if swapper:
                 swapper.remove()
             del model, net
-        res[f"checkpointing={ckpt}"] = all(torch.equal(a, b) for a, b in zip(*grads)) and len(grads[0]) == len(grads[1])
+        def rel(a, b):
+            return max(((x.float() - y.float()).norm() / y.float().norm().clamp(min=1e-12)).item() for x, y in zip(a, b))
+
+        res[f"checkpointing={ckpt}"] = {"noswap_vs_noswap": rel(grads[1], grads[0]),
+                                         "swap_vs_noswap": rel(grads[2], grads[0]), "n": len(grads[2])}
     return res
 
 
@@ -174,7 +188,7 @@ def main():
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__}
     if not args.skip_checks:
         results["swap_exact"] = check_swap_exact(device, args.tiny)
-        print("block swap bit-exact:", results["swap_exact"], flush=True)
+        print("block swap vs no swap (max rel diff):", results["swap_exact"], flush=True)
         results["fp8_matmul"] = check_fp8_matmul(device, args.tiny)
         print("fp8 matmul:", results["fp8_matmul"], flush=True)
     rows = []

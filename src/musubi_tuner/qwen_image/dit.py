@@ -128,6 +128,7 @@ def load_dit(
             f"unexpected {sorted(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''})"
         )
     model.load_state_dict(state, assign=True, strict=True)
+    model.to(device)  # buffers created at init follow the weights
     model.eval().requires_grad_(False)
     logger.info("loaded DiT %s: %d blocks, %d heads x %d, %.2f B params, %s",
                 files[0].name, config["num_layers"], config["num_attention_heads"], config["attention_head_dim"],

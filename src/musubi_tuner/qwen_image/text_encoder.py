@@ -126,6 +126,7 @@ def load_text_encoder(
     if missing:
         raise UserError(f"{option}: {files[0]} is missing {len(missing)} Qwen2.5-VL tensors (e.g. {sorted(missing)[0]})")
     model.load_state_dict(state, assign=True, strict=False)
+    model.to(device)  # buffers created at init (e.g. rotary inv_freq) follow the weights
     model.eval().requires_grad_(False)
     logger.info("loaded text encoder %s (%d layers, hidden %d)", files[0].name, config.text_config.num_hidden_layers,
                 config.text_config.hidden_size)

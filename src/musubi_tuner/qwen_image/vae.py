@@ -69,6 +69,7 @@ def load_vae(
         vae.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as e:
         raise UserError(f"{option}: {files[0]} does not match the Qwen-Image VAE layout ({str(e).splitlines()[0]})") from None
+    vae.to(device)  # buffers created at init follow the weights
     vae.eval().requires_grad_(False)
     logger.info("loaded VAE %s (%s layout, %d channels)", files[0].name, "ComfyUI/Wan" if wan else "diffusers",
                 config["input_channels"])
