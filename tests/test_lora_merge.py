@@ -94,3 +94,28 @@ def test_generation_with_lora_equals_merged_model(tmp_path, tiny_models):
     a, b, c = (load_file(str(p[0]))["latent"] for p in (base, with_lora, merged))
     assert (a - b).abs().mean() > 1e-3  # the LoRA does something
     assert torch.allclose(b, c, atol=1e-5)  # and exactly what merging does
+
+
+@pytest.mark.parametrize("target", ["diffusers", "transformer", "kohya"])
+def test_convert_lora_script_round_trip(tmp_path, target):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.convert_lora import main as convert_main
+
+    model = tiny.tiny_dit()
+    lora = random_lora(model, alpha=2.0)
+    src = tmp_path / "source.safetensors"
+    save_file(to_kohya(lora), str(src), metadata={"ss_network_dim": "4"})
+    out = convert_main(["--input", str(src), "--output", str(tmp_path / f"{target}.safetensors"), "--target", target])
+    keys = load_file(str(out)).keys()
+    prefix = {"diffusers": "diffusion_model.", "transformer": "transformer.", "kohya": "lora_unet_"}[target]
+    assert all(k.startswith(prefix) for k in keys)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "4"
+    back = convert_main(["--input", str(out), "--output", str(tmp_path / "back.safetensors"), "--target", "kohya"])
+    names = linear_module_names(model)
+    a, b = load_lora(src, names), load_lora(back, names)
+    for name in a:  # same delta W (the transformer format folds alpha into B)
+        assert torch.allclose(a[name].up @ a[name].down * a[name].scale, b[name].up @ b[name].down * b[name].scale,
+                              atol=1e-6)

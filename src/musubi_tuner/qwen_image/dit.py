@@ -134,3 +134,13 @@ def load_dit(
                 files[0].name, config["num_layers"], config["num_attention_heads"], config["attention_head_dim"],
                 sum(p.numel() for p in model.parameters()) / 1e9, dtype)
     return model
+
+
+def linear_names(num_layers: int = 60) -> list[str]:
+    """Names of every nn.Linear of a Qwen-Image DiT with `num_layers` blocks (built on the meta device, no memory):
+    what kohya LoRA keys (`lora_unet_<name with underscores>`) resolve against without loading the model."""
+    from torch import nn
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(num_layers=num_layers)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
