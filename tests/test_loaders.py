@@ -152,3 +152,38 @@ def test_resolve_version():
     assert resolve_version("layered").vae_channels == 4 and resolve_version("layered").arch_tag == "qil"
     with pytest.raises(UserError):
         resolve_version("edit-2511", edit=True)
+
+
+RSS_PROBE = r"""
+import sys, torch
+from pathlib import Path
+from musubi_tuner.qwen_image.weights import load_tensors
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+base = rss("VmRSS:")
+sd = load_tensors([Path(sys.argv[1])], torch.bfloat16)
+size = sum(t.numel() * t.element_size() for t in sd.values())
+print(base, rss("VmHWM:"), size)
+"""
+
+
+def test_loader_peak_rss_stays_near_one_copy(tmp_path):
+    """A 2 GB bf16 file loads with peak RSS growth under 1.3x its converted size (measured in a fresh process)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.safetensors"
+    chunk = torch.zeros(4096, 4096, dtype=torch.bfloat16)  # 32 MiB each
+    from musubi_tuner.fileio import save_safetensors_streaming
+
+    save_safetensors_streaming({f"blocks.{i}.weight": chunk for i in range(64)}, path)
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    base, peak, size = map(int, out.stdout.split())
+    growth = (peak - base) / size
+    print(f"loader: {size / 2**30:.2f} GiB loaded, peak RSS growth {growth:.3f}x")
+    assert size == 2 * 2**30 and growth < 1.3

@@ -5,8 +5,10 @@ Only safetensors are read: no pickle is ever loaded.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -83,6 +85,29 @@ def refuse_fp8(files: list[Path], dtypes: dict[str, torch.dtype], option: str, i
         )
 
 
+def iter_file_tensors(path: Path):
+    """Yield (key, tensor) from a safetensors file with plain reads, one tensor at a time, in file order: no memory
+    map, so resident memory holds only the tensors the caller keeps."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        base = 8 + n
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        for key, info in entries:
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+            t = torch.empty(info["shape"], dtype=dtype)
+            start, end = info["data_offsets"]
+            if end > start:
+                f.seek(base + start)
+                buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                if f.readinto(buf) != end - start:
+                    raise UserError(f"{path}: file is truncated (tensor {key}); download it again")
+            yield key, t
+
+
 def load_tensors(
     files: list[Path],
     dtype: torch.dtype | None,
@@ -92,8 +117,9 @@ def load_tensors(
 ) -> dict[str, torch.Tensor]:
     """Read every tensor, rename it with key_map (None drops it) and convert it straight to dtype/device.
 
-    Floating tensors are converted to `dtype` one at a time, so peak memory stays near one converted copy.
-    With disable_mmap the file is read with plain reads instead of being memory-mapped.
+    Tensors are read one at a time with plain file reads and converted immediately, so peak memory is one converted
+    copy plus one tensor in flight (a 40 GB file needs ~40 GB, not 80). With disable_mmap (--disable_numpy_memmap)
+    each file is read whole in one call instead: faster on some file systems, but it holds the raw file in RAM too.
     """
     out: dict[str, torch.Tensor] = {}
     for f in files:
@@ -101,17 +127,13 @@ def load_tensors(
             from safetensors.torch import load as load_bytes
 
             with open(f, "rb") as fh:
-                data = load_bytes(fh.read())
-            items = data.items()
+                items = load_bytes(fh.read()).items()
         else:
-            sf = safe_open(str(f), framework="pt", device="cpu")
-            items = ((k, None) for k in sf.keys())
+            items = iter_file_tensors(f)
         for k, t in items:
             nk = key_map(k)
             if nk is None:
                 continue
-            if t is None:
-                t = sf.get_tensor(k)
             if dtype is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
                 t = t.to(device=device, dtype=dtype)
             else:
