@@ -197,3 +197,17 @@ def test_training_with_memory_options(tmp_path):
                               "--fp8_base", "--fp8_scaled", "--blocks_to_swap", "1", "--gradient_checkpointing",
                               "--gradient_checkpointing_cpu_offload", "--split_attn", "--learning_rate", "1e-2"))
     assert r["steps"] == 2 and all(torch.isfinite(torch.tensor(r["losses"])))
+
+
+def test_streaming_fp8_load_equals_quantizing_after_load(tiny_models):
+    from musubi_tuner.qwen_image.dit import load_dit
+    from musubi_tuner.qwen_image.versions import VERSIONS
+
+    streamed = load_dit(tiny_models["dit"], VERSIONS["original"], torch.float32, fp8_mode="channel")
+    after = load_dit(tiny_models["dit"], VERSIONS["original"], torch.float32)
+    fp8.quantize_linears(after, mode="channel")
+    a, b = streamed.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and any(k.endswith("scale_weight") for k in a)
+    assert all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    with torch.no_grad():
+        assert torch.equal(streamed(**dit_inputs())[0], after(**dit_inputs())[0])

@@ -72,7 +72,8 @@ def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_fp8_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> None:
-    """Turn `module` into an fp8 Linear holding (q, scale)."""
+    """Turn `module` into an fp8 Linear holding (q, scale) (meta tensors declare the layout for a later
+    load_state_dict(assign=True))."""
     module.weight = nn.Parameter(q, requires_grad=False)
     if "scale_weight" in module._buffers:
         module.scale_weight = scale

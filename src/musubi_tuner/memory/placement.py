@@ -13,7 +13,6 @@ from ..qwen_image.dit import load_dit
 from ..qwen_image.versions import ModelVersion
 from .attention import enable_checkpointing, enable_split_attention
 from .block_swap import enable_block_swap
-from .fp8 import quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +30,11 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
     """Returns (model, swapper or None). With block swap the model is loaded into CPU memory first and only the
     resident blocks go to the device, so peak device memory never holds the whole model."""
     swap = getattr(args, "blocks_to_swap", 0) or 0
-    model = load_dit(args.dit, version, dtype, "cpu" if swap else device,
-                     disable_mmap=getattr(args, "disable_numpy_memmap", False))
     mode = fp8_mode(args)
+    model = load_dit(args.dit, version, dtype, "cpu" if swap else device,
+                     disable_mmap=getattr(args, "disable_numpy_memmap", False), fp8_mode=mode, compute_device=device)
     if mode:
-        errors = quantize_linears(model, mode=mode, device=device)
-        worst = max(errors.values()) if errors else 0.0
-        logger.info("fp8 (%s): %d Linear layers quantised, worst relative RMS weight error %.4f", mode,
-                    len(errors), worst)
+        logger.info("fp8 (%s): Linear weights of the transformer blocks quantised while loading", mode)
     swapper = None
     if swap:
         n = len(model.transformer_blocks)

@@ -88,7 +88,11 @@ def load_dit(
     device: str | torch.device = "cpu",
     disable_mmap: bool = False,
     option: str = "--dit",
+    fp8_mode: str | None = None,
+    compute_device: str | torch.device | None = None,
 ) -> QwenImageTransformer2DModel:
+    """fp8_mode ("tensor" = --fp8_base, "channel" / "block" = --fp8_scaled) quantises the Linear weights of the
+    transformer blocks while they stream in (on compute_device), so the high-precision model never exists whole."""
     files = resolve_files(path, option, subfolder="transformer")
     raw_shapes, dtypes, _ = read_header(files)
     shapes = {sk: v for k, v in raw_shapes.items() if (sk := strip_prefix(k)) is not None}
@@ -118,7 +122,26 @@ def load_dit(
 
     with init_empty_weights():
         model = QwenImageTransformer2DModel(**config)
-    state = load_tensors(files, dtype, device, key_map=strip_prefix, disable_mmap=disable_mmap)
+    transform = None
+    if fp8_mode:
+        from ..memory.fp8 import quantize_weight
+
+        quantized = {n + ".weight": n for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
+
+        def transform(key, t):
+            if key not in quantized:
+                return {key: t}
+            q, s = quantize_weight(t.to(compute_device or device), fp8_mode)
+            return {key: q.to(device), quantized[key] + ".scale_weight": s.to(device)}
+
+    state = load_tensors(files, dtype, device, key_map=strip_prefix, disable_mmap=disable_mmap, transform=transform)
+    if fp8_mode:
+        from ..memory.fp8 import make_fp8_linear
+
+        for wkey, name in quantized.items():  # declare the fp8 layout; the tensors are assigned below
+            make_fp8_linear(model.get_submodule(name), torch.empty_like(state[wkey], device="meta"),
+                            torch.empty_like(state[name + ".scale_weight"], device="meta"))
     expected = set(model.state_dict().keys())
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:

@@ -114,12 +114,14 @@ def load_tensors(
     device: str | torch.device = "cpu",
     key_map: Callable[[str], str | None] = lambda k: k,
     disable_mmap: bool = False,
+    transform: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read every tensor, rename it with key_map (None drops it) and convert it straight to dtype/device.
 
     Tensors are read one at a time with plain file reads and converted immediately, so peak memory is one converted
     copy plus one tensor in flight (a 40 GB file needs ~40 GB, not 80). With disable_mmap (--disable_numpy_memmap)
     each file is read whole in one call instead: faster on some file systems, but it holds the raw file in RAM too.
+    transform(key, tensor) may replace a converted tensor by other entries (e.g. fp8 weight + scale) as it streams.
     """
     out: dict[str, torch.Tensor] = {}
     for f in files:
@@ -138,5 +140,8 @@ def load_tensors(
                 t = t.to(device=device, dtype=dtype)
             else:
                 t = t.to(device=device)
-            out[nk] = t
+            if transform is not None:
+                out.update(transform(nk, t))
+            else:
+                out[nk] = t
     return out
