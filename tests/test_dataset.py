@@ -128,3 +128,18 @@ def test_target_and_control_crops_are_pixel_aligned():
     d = np.asarray(a).astype(int)
     ys, xs = np.nonzero(np.abs(c - d).sum(-1))
     assert abs(ys.mean() - bucket[1] / 2) < 3 and abs(xs.mean() - bucket[0] / 2) < 3
+
+
+def test_example_configs_parse(tmp_path):
+    """The shipped example TOMLs are valid configs once their paths exist."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "examples"
+    for name in ("dataset_image.toml", "dataset_edit.toml", "dataset_layered.toml"):
+        text = (root / name).read_text()
+        for p in ("/path/to/images", "/path/to/targets", "/path/to/controls", "/path/to/layered"):
+            text = text.replace(p, str(tmp_path))
+        (tmp_path / "edit.jsonl").write_text("")
+        text = text.replace("/path/to/edit.jsonl", str(tmp_path / "edit.jsonl"))
+        cfgs = load_dataset_config(write_toml(tmp_path, text))
+        assert cfgs and all(c.resolution[0] % 16 == 0 for c in cfgs)

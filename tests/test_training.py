@@ -211,3 +211,25 @@ def test_sampling_during_training_for_edit_and_layered(tmp_path, version):
     assert len(samples) == (3 if version == "layered" else 1)  # layered: composite + 2 layers
     assert Image.open(samples[0]).size == (64, 64)
     assert Image.open(samples[0]).mode == ("RGBA" if version == "layered" else "RGB")
+
+
+def test_spec_command_shape_with_bf16_mixed_precision(tmp_path):
+    """The documented options (bf16, sdpa, shift sampling, checkpointing, workers) run a step on CPU."""
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    args = train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "2")
+    args[args.index("--max_data_loader_n_workers") + 1] = "2"
+    r = train_main(args + ["--sdpa", "--mixed_precision", "bf16", "--timestep_sampling", "shift", "--weighting_scheme",
+                           "none", "--discrete_flow_shift", "2.2", "--learning_rate", "5e-5", "--gradient_checkpointing",
+                           "--persistent_data_loader_workers", "--network_module", "networks.lora_qwen_image",
+                           "--network_dim", "16", "--save_every_n_epochs", "1"])
+    assert r["steps"] == 2 and all(math.isfinite(x) for x in r["losses"])
+    with safe_open(str(r["final"]), "pt") as f:
+        assert f.metadata()["ss_mixed_precision"] == "bf16"
+
+
+def test_third_party_network_module_by_import_path(tmp_path):
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    r = train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "3",
+                              "--network_module", "fake_kohya_net", "--learning_rate", "1e-2"))
+    gains = load_file(str(r["final"]))
+    assert len(gains) == 2 and any(g.abs().sum() > 0 for g in gains.values())
