@@ -233,3 +233,18 @@ def test_third_party_network_module_by_import_path(tmp_path):
                               "--network_module", "fake_kohya_net", "--learning_rate", "1e-2"))
     gains = load_file(str(r["final"]))
     assert len(gains) == 2 and any(g.abs().sum() > 0 for g in gains.values())
+
+
+def test_save_every_and_save_last_n_and_precision(tmp_path):
+    models, toml = make_cached_dataset(tmp_path, "original", n=2, batch_size=1)  # 2 steps per epoch
+    out = tmp_path / "out"
+    train_main(train_args(models, toml, out, "original", "--max_train_steps", "7", "--save_every_n_steps", "1",
+                          "--save_last_n_steps", "2", "--save_every_n_epochs", "1", "--save_last_n_epochs", "1",
+                          "--save_state", "--save_precision", "bf16"))
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("lora"))
+    assert "lora-step00000006.safetensors" in names and "lora-step00000005.safetensors" in names
+    assert "lora-step00000004.safetensors" not in names and "lora-step00000004-state" not in names
+    assert "lora-000003.safetensors" in names and "lora-000002.safetensors" not in names
+    assert "lora.safetensors" in names and "lora-state" in names
+    assert all(v.dtype == torch.bfloat16 for k, v in load_file(str(out / "lora.safetensors")).items()
+               if not k.endswith(".alpha"))

@@ -90,6 +90,10 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
     cached = validate(args, version)
     output_dir = Path(args.output_dir)
     logging_dir = Path(args.logging_dir) if args.logging_dir else output_dir / "logs"
+    if not torch.distributed.is_initialized():  # a new run in the same process (library use) gets a fresh state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.log_with is None else ([args.log_with] if args.log_with != "all" else "all"),
