@@ -79,3 +79,15 @@ def test_real_cli_subprocess(tmp_path, tiny_models):
     assert ok.returncode == 0, ok.stderr
     pngs = list(out.glob("*.png"))
     assert len(pngs) == 1 and not list(out.glob(".*tmp"))
+
+
+def test_text_encoder_cpu_and_missing_attention_backend(tmp_path, capsys, tiny_models, monkeypatch):
+    saved = generate_main(base_args(tiny_models, tmp_path / "a") + ["--text_encoder_cpu", "--output_type", "latent"])
+    assert saved[0].exists()
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the attention backend was checked")
+
+    monkeypatch.setattr("musubi_tuner.qwen_image.generate.load_text_encoder", no_model)
+    line = run_cli_inprocess(capsys, base_args(tiny_models, tmp_path / "b") + ["--attn_mode", "xformers"])
+    assert "--attn_mode xformers" in line and "--attn_mode sdpa" in line

@@ -248,3 +248,44 @@ def test_save_every_and_save_last_n_and_precision(tmp_path):
     assert "lora.safetensors" in names and "lora-state" in names
     assert all(v.dtype == torch.bfloat16 for k, v in load_file(str(out / "lora.safetensors")).items()
                if not k.endswith(".alpha"))
+
+
+def test_network_args_patterns_dropouts_and_loraplus():
+    from musubi_tuner.networks.lora_qwen_image import create_network
+    from musubi_tuner.qwen_image.tiny import tiny_dit
+
+    dit = tiny_dit()
+    all_mods = create_network(1.0, 4, 4, None, None, dit)
+    assert len(all_mods.unet_loras) == 28
+    dit = tiny_dit()
+    net = create_network(1.0, 4, 4, None, None, dit, exclude_patterns="[r'.*(img_mod|txt_mod).*']",
+                         include_patterns="[r'.*\\.0\\.img_mod.*']", rank_dropout="0.5", module_dropout="0.1",
+                         loraplus_lr_ratio="16")
+    names = {l.module_name for l in net.unet_loras}
+    assert "transformer_blocks.0.img_mod.1" in names and "transformer_blocks.1.img_mod.1" not in names
+    assert "transformer_blocks.0.txt_mod.1" not in names and len(names) == 28 - 4 + 1
+    groups, _ = net.prepare_optimizer_params(unet_lr=1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3]
+    assert net.unet_loras[0].rank_dropout == 0.5 and net.unet_loras[0].module_dropout == 0.1
+
+
+def test_continue_lora_and_base_weights(tmp_path):
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    first = train_main(train_args(models, toml, tmp_path / "a", "original", "--max_train_steps", "2",
+                                  "--learning_rate", "1e-2", "--network_dim", "4"))["final"]
+    # continuing starts from the saved weights: zero learning rate keeps them exactly
+    cont = train_main(train_args(models, toml, tmp_path / "b", "original", "--max_train_steps", "1",
+                                 "--learning_rate", "0", "--network_dim", "4", "--network_weights", str(first)))
+    a, b = load_file(str(first)), load_file(str(cont["final"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    dim = train_main(train_args(models, toml, tmp_path / "c", "original", "--max_train_steps", "1",
+                                "--learning_rate", "0", "--network_dim", "8", "--network_weights", str(first),
+                                "--dim_from_weights"))
+    assert load_file(str(dim["final"]))[next(k for k in a if k.endswith("lora_down.weight"))].shape[0] == 4
+    # base weights: the LoRA is merged into the DiT first, so training on top sees a different loss
+    base = train_main(train_args(models, toml, tmp_path / "d", "original", "--max_train_steps", "1",
+                                 "--learning_rate", "0", "--base_weights", str(first),
+                                 "--base_weights_multiplier", "1.0"))
+    plain = train_main(train_args(models, toml, tmp_path / "e", "original", "--max_train_steps", "1",
+                                  "--learning_rate", "0"))
+    assert base["losses"][0] != plain["losses"][0]

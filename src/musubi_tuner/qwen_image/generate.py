@@ -47,6 +47,20 @@ def set_attention(model, attn_mode: str) -> None:
                         f"install it or use --attn_mode sdpa") from None
 
 
+def check_attention(attn_mode: str) -> None:
+    """Fail before any model loads when the backend's package is missing."""
+    backend = ATTN_BACKENDS[attn_mode]
+    if backend in ("native", "_native_math"):
+        return
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except (ImportError, RuntimeError, ValueError) as e:
+        raise UserError(f"--attn_mode {attn_mode}: backend not usable here ({str(e).splitlines()[0]}); "
+                        f"install it or use --attn_mode sdpa") from None
+
+
 def compute_setup(device: str | None) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -316,6 +330,7 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
         items = [(lat, save_path / Path(p).stem.removesuffix("_latent")) for (lat, _), p in zip(latents, args.latent_path)]
         return decode_and_save(vae, items, args.vae_enable_tiling)
 
+    check_attention(args.attn_mode)
     specs = build_specs(args, version)
     jobs = resolve_controls(specs, args, version)
     has_controls = any(j.prepared for j in jobs)
