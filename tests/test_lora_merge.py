@@ -1,10 +1,8 @@
 """A LoRA in each supported key format changes the DiT exactly as W + m * up @ down * alpha / rank."""
 
-import numpy as np
 import pytest
 import torch
 from layouts import write_single
-from PIL import Image
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.networks.lora_files import (

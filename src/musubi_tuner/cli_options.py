@@ -57,14 +57,6 @@ def require(args: argparse.Namespace, *names: str) -> None:
         raise UserError(f"missing required option(s): {', '.join('--' + n for n in missing)}")
 
 
-def refuse_unavailable(args: argparse.Namespace, options: dict[str, str]) -> None:
-    """Options parsed for compatibility but not working yet fail loudly instead of being silently ignored."""
-    for name, why in options.items():
-        v = getattr(args, name, None)
-        if v not in (None, False, 0, [], ""):
-            raise UserError(f"--{name} is not available yet: {why}")
-
-
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """Options of the two caching scripts."""
     g = p.add_argument_group("dataset / caching")

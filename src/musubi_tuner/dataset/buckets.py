@@ -41,13 +41,6 @@ def select_bucket(size: tuple[int, int], resolution: tuple[int, int], enable_buc
     return min(bucket_resolutions(resolution, step), key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
 
 
-def area_size(size: tuple[int, int], area: int, multiple: int = STEP) -> tuple[int, int]:
-    """Keep the aspect ratio, scale to about `area` pixels, round to multiples (e.g. the 1M-pixel "official size")."""
-    iw, ih = size
-    s = math.sqrt(area / (iw * ih))
-    return max(multiple, round(iw * s / multiple) * multiple), max(multiple, round(ih * s / multiple) * multiple)
-
-
 def resize_crop(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     """Scale to cover the bucket (keeping aspect), then centre-crop to exactly (W, H)."""
     bw, bh = bucket

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ..qwen_image.versions import ModelVersion
 from .items import ImageItem
-from .prepare import control_mode, target_bucket
+from .prepare import control_mode
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,6 @@ def stale_reason(path: Path, expected: dict[str, str], ignore: tuple[str, ...] =
         if k not in ignore and meta.get(k) != v:
             return f"{k} changed ({meta.get(k)!r} -> {v!r})"
     return None
-
-
-def find_latent_cache(item: ImageItem, version: ModelVersion) -> Path:
-    return latent_cache_path(item, version, target_bucket(item))
 
 
 _LATENT_RE = r"^.+_\d{{4,}}x\d{{4,}}_{arch}\.safetensors$"

@@ -163,9 +163,6 @@ class BlockSwapper:
 
         return hook
 
-    def prepare_forward(self) -> None:
-        """Before a new forward: the first swapped blocks may still be out; nothing to do (pre-hooks fetch)."""
-
     def remove(self) -> None:
         for h in self.handles:
             h.remove()

@@ -122,20 +122,19 @@ def load_dit(
 
     with init_empty_weights():
         model = QwenImageTransformer2DModel(**config)
-    transform = None
-    if fp8_mode:
+    quantized = {n + ".weight": n for n, m in model.named_modules()
+                 if fp8_mode and isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
+
+    def quantize(key, t):
+        if key not in quantized:
+            return {key: t}
         from ..memory.fp8 import quantize_weight
 
-        quantized = {n + ".weight": n for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
+        q, s = quantize_weight(t.to(compute_device or device), fp8_mode)
+        return {key: q.to(device), quantized[key] + ".scale_weight": s.to(device)}
 
-        def transform(key, t):
-            if key not in quantized:
-                return {key: t}
-            q, s = quantize_weight(t.to(compute_device or device), fp8_mode)
-            return {key: q.to(device), quantized[key] + ".scale_weight": s.to(device)}
-
-    state = load_tensors(files, dtype, device, key_map=strip_prefix, disable_mmap=disable_mmap, transform=transform)
+    state = load_tensors(files, dtype, device, key_map=strip_prefix, disable_mmap=disable_mmap,
+                         transform=quantize if fp8_mode else None)
     if fp8_mode:
         from ..memory.fp8 import make_fp8_linear
 

@@ -115,19 +115,19 @@ def encode_all(specs: list[GenerationSpec], args, version: ModelVersion, device,
     if getattr(args, "fp8_vl", False):
         quantize_text_encoder(te, te_device)
     cache: dict = {}
+
+    def enc(text: str, imgs: list) -> torch.Tensor:
+        key = (text, tuple(id(im) for im in imgs))
+        if key not in cache:
+            cache[key] = encode_prompts(te, processor, [text], version.template, te_device,
+                                        [imgs] if imgs and version.is_edit else None)[0].to("cpu", torch.float32)
+        return cache[key]
+
     out = []
     for i, s in enumerate(specs):
         imgs = images[i] if images else []
-
-        def enc(text):
-            key = (text, tuple(id(im) for im in imgs))
-            if key not in cache:
-                cache[key] = encode_prompts(te, processor, [text], version.template, te_device,
-                                            [imgs] if imgs and version.is_edit else None)[0].to("cpu", torch.float32)
-            return cache[key]
-
-        out.append(Encoded(enc(s.prompt), enc(negative_of(s)) if s.guidance_scale > 1 else None))
-    del te
+        out.append(Encoded(enc(s.prompt, imgs), enc(negative_of(s), imgs) if s.guidance_scale > 1 else None))
+    te = None  # release the text encoder before the DiT is loaded
     free_memory()
     return out
 

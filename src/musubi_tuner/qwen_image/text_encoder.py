@@ -14,13 +14,11 @@ from accelerate import init_empty_weights
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ..errors import UserError
-from .versions import ModelVersion
 from .weights import load_tensors, read_header, refuse_fp8, resolve_files
 
 logger = logging.getLogger(__name__)
 
 HUB_TOKENIZER = ("Qwen/Qwen-Image", "tokenizer")
-HUB_PROCESSOR = ("Qwen/Qwen-Image-Edit", "processor")
 TE_FILE_HINT = "split_files/text_encoders/qwen_2.5_vl_7b.safetensors (Comfy-Org/Qwen-Image_ComfyUI)"
 
 _EDIT_SYSTEM = (
