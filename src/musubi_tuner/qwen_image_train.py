@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fused_backward_pass", action="store_true", help="Adafactor: step each parameter inside "
                    "backward and free its gradient (bf16 stochastic rounding); no gradient accumulation")
     f.add_argument("--mem_eff_save", action="store_true", help="write checkpoints tensor by tensor (less RAM)")
+    f.add_argument("--fsdp", action="store_true", help="shard the model, gradients and optimizer state over the "
+                   "processes (FSDP FULL_SHARD, one unit per transformer block); saves full weights from rank 0 and "
+                   "sharded resumable states")
     return p
 
 

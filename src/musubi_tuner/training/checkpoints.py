@@ -48,6 +48,23 @@ def prune(output_dir: Path, output_name: str, kind: str, keep_from: int) -> None
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def write_state_meta(folder: Path, state: TrainState, scheduler, extra: dict | None = None) -> None:
+    """Counters, scheduler and RNG states (the part every state folder has)."""
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_safetensors(rng, folder / "rng.safetensors")
+    (folder / "train_state.json").write_text(json.dumps(
+        {"format": STATE_FORMAT, **asdict(state), "scheduler": sched, **(extra or {})}, indent=2))
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
 def save_state(folder: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                extra: dict | None = None) -> Path:
     """Everything needed to continue exactly: trainable weights, optimizer, scheduler, counters, RNG states."""
@@ -57,23 +74,18 @@ def save_state(folder: Path, state: TrainState, trainable: dict[str, torch.Tenso
     try:
         save_safetensors({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_safetensors(rng, tmp / "rng.safetensors")
-        (tmp / "train_state.json").write_text(json.dumps(
-            {"format": STATE_FORMAT, **asdict(state), "scheduler": sched, **(extra or {})}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        write_state_meta(tmp, state, scheduler, extra)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
-def load_state(folder: str | Path, optimizer, scheduler) -> tuple[TrainState, dict[str, torch.Tensor], dict]:
+def load_state(folder: str | Path, optimizer, scheduler, tensors: bool = True
+               ) -> tuple[TrainState, dict[str, torch.Tensor] | None, dict]:
+    """Counters, scheduler and RNG; with tensors also the trainable weights and the optimizer (sharded runs load
+    those themselves)."""
     folder = Path(folder)
     meta_path = folder / "train_state.json"
     if not meta_path.is_file():
@@ -81,8 +93,10 @@ def load_state(folder: str | Path, optimizer, scheduler) -> tuple[TrainState, di
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != STATE_FORMAT:
         raise UserError(f"--resume: {folder} was written by another version ({meta.get('format')})")
-    trainable = load_file(str(folder / "trainable.safetensors"))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    trainable = None
+    if tensors:
+        trainable = load_file(str(folder / "trainable.safetensors"))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
     rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])

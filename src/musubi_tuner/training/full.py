@@ -81,6 +81,9 @@ class FullMode(Mode):
         return torch.bfloat16 if args.full_bf16 else torch.float32
 
     def setup(self, transformer, args) -> list[dict]:
+        self.sharded = bool(getattr(args, "fsdp", False))
+        if self.sharded:
+            self._shard(transformer, args)
         if args.fused_backward_pass:
             if args.optimizer_type.lower() != "adafactor":
                 raise UserError("--fused_backward_pass works with --optimizer_type adafactor")
@@ -95,6 +98,69 @@ class FullMode(Mode):
         self.metadata = {"ss_full_bf16": str(args.full_bf16), "ss_fused_backward_pass": str(args.fused_backward_pass)}
         return [{"params": params, "lr": args.learning_rate}]
 
+    @staticmethod
+    def _shard(transformer, args) -> None:
+        """FSDP2 FULL_SHARD: each transformer block is its own unit (gathered just for its forward/backward), the
+        rest of the model the root unit."""
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise UserError("--fsdp shards the model across processes: launch with accelerate launch --multi_gpu "
+                            "--num_processes N (or the FSDP example config)")
+        for flag in ("fused_backward_pass", "blocks_to_swap"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag} cannot be combined with --fsdp (FSDP already spreads the model)")
+        for block in transformer.transformer_blocks:
+            fully_shard(block)
+        fully_shard(transformer)
+        logger.info("FSDP: %d blocks sharded over %d processes", len(transformer.transformer_blocks),
+                    dist.get_world_size())
+
+    def save_sharded_state(self, folder: Path, state, optimizer, scheduler, is_main: bool) -> Path:
+        """Sharded weights and optimizer state through torch.distributed.checkpoint (every rank writes its shard),
+        plus the usual counters; written to a temporary folder and renamed once every rank is done."""
+        import shutil
+
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from .checkpoints import replace_folder, write_state_meta
+
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        dist.barrier()
+        if is_main:
+            write_state_meta(tmp, state, scheduler, {"sharded": True})
+            replace_folder(tmp, folder)
+        dist.barrier()
+        return folder
+
+    def load_sharded_state(self, folder: Path, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (folder / "dcp").is_dir():
+            raise UserError(f"--resume: {folder} holds no sharded (FSDP) state; resume it without --fsdp")
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+
+        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        saved = dcp.FileSystemReader(str(folder / "dcp")).read_metadata().state_dict_metadata
+        missing = [k for k in model_sd if f"model.{k}" not in saved]
+        if missing:
+            raise UserError(f"--resume: {folder} lacks model weights {missing[:3]} (another model or version?)")
+        # partial: parameters that never received a gradient (the last block's text outputs) have no optimizer state
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"),
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_state_dict(self.model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
     def attach_optimizer(self, optimizer, params) -> None:
         if self.args.fused_backward_pass:
             self.fused = FusedBackwardStep(optimizer, params, self.args.max_grad_norm)
@@ -103,8 +169,17 @@ class FullMode(Mode):
         return self.model
 
     def save(self, path: Path, dtype, metadata) -> Path:
-        """The DiT in diffusers key names (also a ComfyUI single file); streamed with --mem_eff_save."""
-        sd = self.model.state_dict()
+        """The DiT in diffusers key names (also a ComfyUI single file); streamed with --mem_eff_save. Under FSDP the
+        full weights are gathered to rank 0 (a collective: every rank calls this) and rank 0 writes."""
+        if self.sharded:
+            import torch.distributed as dist
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if dist.get_rank() != 0:
+                return path
+        else:
+            sd = self.model.state_dict()
         if self.args.mem_eff_save:
             return save_safetensors_streaming(sd, path, metadata, dtype)
         if dtype is not None:

@@ -62,6 +62,13 @@ class Mode:
         """Called once the optimizer exists (full finetuning hooks the fused backward pass here)."""
 
     fused = None  # set when the optimizer steps inside backward
+    sharded = False  # FSDP: gradients are reduced by FSDP; saving and state are collective (every rank takes part)
+
+    def save_sharded_state(self, folder: Path, state, optimizer, scheduler, is_main: bool) -> Path:
+        raise NotImplementedError
+
+    def load_sharded_state(self, folder: Path, optimizer) -> None:
+        raise NotImplementedError
 
 
 def save_dtype(name: str | None) -> torch.dtype | None:
@@ -111,6 +118,12 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
 
         sampler = TrainingSampler(args, version, device, compute_dtype)
 
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:  # an accelerate config with distributed_type: FSDP
+        if mode.name != "full":
+            raise UserError("FSDP shards full finetuning (qwen_image_train.py); train LoRAs with a MULTI_GPU config")
+        args.fsdp = True
     if args.blocks_to_swap and mode.name == "full" and not args.fused_backward_pass:
         raise UserError("--blocks_to_swap in full finetuning needs --fused_backward_pass (each block is updated "
                         "while it is on the device)")
@@ -138,8 +151,11 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
     mode.attach_optimizer(optimizer, params)
     state = TrainState()
     if args.resume:
-        state, weights, _ = load_state(args.resume, optimizer, scheduler)
-        trainable.load_state_dict(weights, strict=True)
+        state, weights, _ = load_state(args.resume, optimizer, scheduler, tensors=not mode.sharded)
+        if mode.sharded:
+            mode.load_sharded_state(Path(args.resume), optimizer)
+        else:
+            trainable.load_state_dict(weights, strict=True)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, state.global_step,
                     state.epoch + 1, state.batch)
 
@@ -152,15 +168,21 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         loss_log.unlink(missing_ok=True)  # a new run starts a new log; a resumed one appends
     metadata = training_metadata(args, version, mode, cached)
 
+    def write_state(folder: Path) -> Path:
+        if mode.sharded:
+            return mode.save_sharded_state(folder, state, optimizer, scheduler, accelerator.is_main_process)
+        return save_state(folder, state, trainable.state_dict(), optimizer, scheduler)
+
     def save(tag_epoch: int | None = None, tag_step: int | None = None, final: bool = False) -> None:
-        if not accelerator.is_main_process:
+        if not accelerator.is_main_process and not mode.sharded:
             return
         name = checkpoint_name(args.output_name, None if final else tag_epoch, None if final else tag_step)
         md = {**metadata, "ss_steps": str(state.global_step), "ss_epoch": str(state.epoch + (1 if final else 0))}
         path = mode.save(output_dir / (name + mode.extension()), save_dtype(args.save_precision), md)
-        logger.info("saved %s", path)
+        if accelerator.is_main_process:
+            logger.info("saved %s", path)
         if args.save_state or (final and args.save_state_on_train_end):
-            save_state(output_dir / f"{name}-state", state, trainable.state_dict(), optimizer, scheduler)
+            write_state(output_dir / f"{name}-state")
 
     if sampler and args.sample_at_first and accelerator.is_main_process and not args.resume:
         sampler(transformer, 0, 0, accelerator)
@@ -193,7 +215,8 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
                 if micro % ga and not is_last:
                     continue
                 if mode.fused is None:  # the fused backward pass has already stepped every parameter
-                    sync_gradients(accelerator, params)
+                    if not mode.sharded:  # FSDP has reduced the gradients already
+                        sync_gradients(accelerator, params)
                     if args.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
@@ -231,7 +254,9 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
                 sampler(transformer, epoch + 1, state.global_step, accelerator)
     except KeyboardInterrupt:
         bar.close()
-        if accelerator.is_main_process:
+        if mode.sharded:  # collectives after an interrupt are not safe: the last periodic state is the resume point
+            print(f"interrupted at step {state.global_step}; resume from the last saved -state folder")
+        elif accelerator.is_main_process:
             folder = save_state(output_dir / f"{args.output_name}-interrupted-state", state, trainable.state_dict(),
                                 optimizer, scheduler)
             print(f"interrupted at step {state.global_step}: state saved to {folder}; continue with --resume {folder}")
@@ -260,7 +285,8 @@ class Trace:
         if not self.dir:
             return
         with torch.no_grad():
-            checksum = float(sum(p.double().sum() for p in module.state_dict().values() if p.is_floating_point()))
+            values = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in module.state_dict().values()]
+            checksum = float(sum(p.double().sum() for p in values if p.is_floating_point()))
         Path(self.dir).mkdir(parents=True, exist_ok=True)
         (Path(self.dir) / f"rank{self.rank}.json").write_text(json.dumps({"items": self.items, "checksum": checksum}))
 
