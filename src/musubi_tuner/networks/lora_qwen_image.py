@@ -59,7 +59,9 @@ class LoRAModule(nn.Module):
         out = self.org_forward(x)
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul casts; a copy would only cost
+            x = x.to(self.lora_down.weight.dtype)          # memory (it is saved for backward)
+        h = self.lora_down(x)
         if self.training and self.dropout:
             h = nn.functional.dropout(h, p=self.dropout)
         scale = self.scale
