@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..fileio import save_safetensors
+from ..qwen_image.generate import compute_setup
 from ..qwen_image.versions import ModelVersion
 from .cache import (
     latent_cache_path, latent_metadata, model_id, remove_orphans, stale_reason, text_cache_path, text_metadata,
@@ -25,10 +26,6 @@ from .items import ImageItem, collect_items
 from .prepare import prepare_item, target_bucket
 
 logger = logging.getLogger(__name__)
-
-
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _plan(items, version, path_fn, meta_fn, skip_existing: bool):
@@ -74,11 +71,11 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
     batches = [g[i:i + args.batch_size] for g in groups.values() for i in range(0, len(g), args.batch_size)]
 
     vae = None
-    device = _device(args.device)
+    device, dtype = compute_setup(args.device)
     with tqdm(total=len(todo), desc="caching latents", unit="item") as bar:
         for batch in batches:
             if vae is None:
-                vae = load_vae(args.vae, torch.bfloat16 if device.type == "cuda" else torch.float32, device,
+                vae = load_vae(args.vae, dtype, device,
                                version.vae_channels)
                 if args.vae_enable_tiling:
                     vae.enable_tiling()
@@ -107,14 +104,13 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
                                        lambda it: text_metadata(it, version, te_id), args.skip_existing)
     batch_size = args.batch_size if not version.is_edit else 1  # edit prompts carry their own images
     te = processor = None
-    device = _device(args.device)
+    device, dtype = compute_setup(args.device)
     with tqdm(total=len(todo), desc="caching text encoder outputs", unit="item") as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             if te is None:
                 processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer)
-                te = load_text_encoder(args.text_encoder, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                       device)
+                te = load_text_encoder(args.text_encoder, dtype, device)
                 if args.fp8_vl:
                     from ..qwen_image.generate import quantize_text_encoder
 

@@ -8,6 +8,7 @@ with fp8 tensor cores and when no gradient is needed, multiplies in fp8 with `to
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -50,10 +51,14 @@ def relative_rms_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     return float((d - w.float()).pow(2).mean().sqrt() / w.float().pow(2).mean().sqrt())
 
 
+@functools.lru_cache(maxsize=None)
+def _fp8_tensor_cores(device: torch.device) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def scaled_mm_available(device: torch.device) -> bool:
-    if not (USE_SCALED_MM and device.type == "cuda" and hasattr(torch, "_scaled_mm")):
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    """Called on every fp8 Linear forward: the capability query is cached per device."""
+    return USE_SCALED_MM and device.type == "cuda" and _fp8_tensor_cores(device)
 
 
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ def predict_velocity(
     packed, clean) are appended after the target and their predictions are cut away.
     """
     b, n = noisy.shape[:2]
-    dtype = next(model.parameters()).dtype if model.dtype is None else model.dtype
+    dtype = model.dtype  # diffusers: the first floating parameter's dtype (img_in, never fp8)
     hidden = noisy if reference is None else torch.cat([noisy, reference.to(noisy)], dim=1)
     timestep = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma
     out = model(

@@ -36,17 +36,6 @@ logger = logging.getLogger(__name__)
 ATTN_BACKENDS = {"torch": "_native_math", "sdpa": "native", "xformers": "xformers", "flash": "flash", "sageattn": "sage"}
 
 
-def set_attention(model, attn_mode: str) -> None:
-    backend = ATTN_BACKENDS[attn_mode]
-    if backend == "native":
-        return  # diffusers' default dispatch (torch SDPA)
-    try:
-        model.set_attention_backend(backend)
-    except (ImportError, RuntimeError, ValueError) as e:
-        raise UserError(f"--attn_mode {attn_mode}: backend not usable here ({str(e).splitlines()[0]}); "
-                        f"install it or use --attn_mode sdpa") from None
-
-
 def check_attention(attn_mode: str) -> None:
     """Fail before any model loads when the backend's package is missing."""
     backend = ATTN_BACKENDS[attn_mode]
@@ -59,6 +48,12 @@ def check_attention(attn_mode: str) -> None:
     except (ImportError, RuntimeError, ValueError) as e:
         raise UserError(f"--attn_mode {attn_mode}: backend not usable here ({str(e).splitlines()[0]}); "
                         f"install it or use --attn_mode sdpa") from None
+
+
+def set_attention(model, attn_mode: str) -> None:
+    check_attention(attn_mode)
+    if ATTN_BACKENDS[attn_mode] != "native":  # native: diffusers' default dispatch (torch SDPA)
+        model.set_attention_backend(ATTN_BACKENDS[attn_mode])
 
 
 def compute_setup(device: str | None) -> tuple[torch.device, torch.dtype]:

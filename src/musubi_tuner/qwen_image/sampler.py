@@ -35,6 +35,13 @@ def stretch_to_terminal(sigmas, terminal: float = SHIFT_TERMINAL):
     return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
+def _terminate(sigmas, shift_terminal: float | None) -> torch.Tensor:
+    """Stretch so the last sigma is shift_terminal (when set), then append the final 0; float32 tensor."""
+    if shift_terminal:
+        sigmas = stretch_to_terminal(sigmas, shift_terminal)
+    return torch.cat([torch.from_numpy(np.asarray(sigmas, dtype=np.float32)), torch.zeros(1)])
+
+
 def flow_sigmas(steps: int, image_seq_len: int, flow_shift: float | None = None,
                 shift_terminal: float | None = SHIFT_TERMINAL) -> torch.Tensor:
     """steps+1 float32 sigmas from ~1 down to shift_terminal, then 0.
@@ -44,9 +51,7 @@ def flow_sigmas(steps: int, image_seq_len: int, flow_shift: float | None = None,
     """
     s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
     s = exponential_shift(dynamic_mu(image_seq_len), s) if flow_shift is None else static_shift(flow_shift, s)
-    if shift_terminal:
-        s = stretch_to_terminal(s, shift_terminal)
-    return torch.cat([torch.from_numpy(np.asarray(s, dtype=np.float32)), torch.zeros(1)])
+    return _terminate(s, shift_terminal)
 
 
 def layered_sigmas(steps: int, condition_tokens: int, shift_terminal: float | None = SHIFT_TERMINAL) -> torch.Tensor:
@@ -54,9 +59,7 @@ def layered_sigmas(steps: int, condition_tokens: int, shift_terminal: float | No
     to shift_terminal like the other versions (same scheduler config), then 0."""
     s = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
     s = exponential_shift(math.sqrt(condition_tokens / 256), s)
-    if shift_terminal:
-        s = stretch_to_terminal(s, shift_terminal)
-    return torch.cat([torch.from_numpy(np.asarray(s, dtype=np.float32)), torch.zeros(1)])
+    return _terminate(s, shift_terminal)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: bool = True) -> torch.Tensor:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..errors import UserError
 from ..fileio import save_safetensors, save_safetensors_streaming
@@ -38,8 +39,6 @@ class FusedBackwardStep:
     def step_param(self, p: torch.nn.Parameter) -> None:
         if p.grad is None:
             return
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
@@ -102,7 +101,6 @@ class FullMode(Mode):
     def _shard(transformer, args) -> None:
         """FSDP2 FULL_SHARD: each transformer block is its own unit (gathered just for its forward/backward), the
         rest of the model the root unit."""
-        import torch.distributed as dist
         from torch.distributed.fsdp import fully_shard
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -122,7 +120,6 @@ class FullMode(Mode):
         plus the usual counters; written to a temporary folder and renamed once every rank is done."""
         import shutil
 
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -172,7 +169,6 @@ class FullMode(Mode):
         """The DiT in diffusers key names (also a ComfyUI single file); streamed with --mem_eff_save. Under FSDP the
         full weights are gathered to rank 0 (a collective: every rank calls this) and rank 0 writes."""
         if self.sharded:
-            import torch.distributed as dist
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
