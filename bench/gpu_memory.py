@@ -7,6 +7,9 @@ gradient checkpointing), and the fp8 `_scaled_mm` inference path against the deq
 
     python bench/gpu_memory.py [--steps 3] [--configs none,fp8,fp8+swap16,fp8+swap45]
     python bench/gpu_memory.py --tiny          # CPU dry run of the same code
+
+A configuration is "+"-joined words: none | fp8 (--fp8_scaled) | swapN (--blocks_to_swap N) | 8bit (bitsandbytes
+AdamW8bit instead of fp32 AdamW; the published figures were taken with adamw8bit) | compile (torch.compile blocks).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from musubi_tuner.memory import fp8 as fp8mod  # noqa: E402
 from musubi_tuner.memory.attention import enable_checkpointing  # noqa: E402
 from musubi_tuner.memory.block_swap import enable_block_swap  # noqa: E402
+from musubi_tuner.memory.placement import compile_blocks  # noqa: E402
+from musubi_tuner.training.optim import build_optimizer  # noqa: E402
 from musubi_tuner.networks.lora_qwen_image import create_network  # noqa: E402
 
 
@@ -70,8 +75,9 @@ def sync(device):
 
 
 def run_config(name: str, layers: int, device, tiny: bool, steps: int, size: int) -> dict:
-    fp8 = "fp8" in name
-    swap = int(name.split("swap")[1]) if "swap" in name else 0
+    words = set(name.split("+"))
+    fp8 = "fp8" in words
+    swap = next((int(w[4:]) for w in words if w.startswith("swap")), 0)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -81,11 +87,15 @@ def run_config(name: str, layers: int, device, tiny: bool, steps: int, size: int
         fp8mod.quantize_linears(model, mode="channel", device=device)
     swapper = enable_block_swap(model, swap, device) if swap else None
     enable_checkpointing(model)
+    if "compile" in words:
+        compile_blocks(model.transformer_blocks, argparse.Namespace(
+            compile_backend="inductor", compile_mode=None, compile_dynamic=False, compile_fullgraph=False,
+            compile_cache_size_limit=None))
     model.train()
     net = create_network(1.0, 16, 16, None, None, model)
     net.apply_to(None, model)
     net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = build_optimizer("adamw8bit" if "8bit" in words else "adamw", net.parameters(), 1e-4)
     x = inputs(device, tiny, size)
     sync(device)
     setup = time.perf_counter() - t0
@@ -200,6 +210,7 @@ def main():
         print(rows[-1], flush=True)
     results["rows"] = rows
     targets = {"none": 42, "fp8": 30, "fp8+swap16": 24, "fp8+swap45": 12}
+    targets.update({f"{k}+8bit": v for k, v in targets.items()})
     print(f"\n{'config':<14}{'peak GiB':>10}{'target GB':>10}{'s/it':>8}")
     for r in rows:
         print(f"{r['config']:<14}{r.get('peak_allocated_gib', float('nan')):>10}{targets.get(r['config'], ''):>10}"

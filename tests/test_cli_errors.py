@@ -91,3 +91,13 @@ def test_text_encoder_cpu_and_missing_attention_backend(tmp_path, capsys, tiny_m
     monkeypatch.setattr("musubi_tuner.qwen_image.generate.load_text_encoder", no_model)
     line = run_cli_inprocess(capsys, base_args(tiny_models, tmp_path / "b") + ["--attn_mode", "xformers"])
     assert "--attn_mode xformers" in line and "--attn_mode sdpa" in line
+
+
+@pytest.mark.parametrize("extra,words", [(["--compile_backend", "nope"], ["--compile_backend", "nope", "inductor"]),
+                                         (["--compile_mode", "reduce-overhead", "--blocks_to_swap", "1"],
+                                          ["reduce-overhead", "--blocks_to_swap"])])
+def test_compile_options(tmp_path, capsys, tiny_models, extra, words):
+    out = tmp_path / "out"
+    line = run_cli_inprocess(capsys, base_args(tiny_models, out) + ["--compile"] + extra)
+    assert all(w in line for w in words), line
+    assert not out.exists() or not any(out.iterdir())

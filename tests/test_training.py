@@ -150,10 +150,15 @@ def test_saved_lora_loads_in_diffusers_with_same_output(tmp_path):
     assert torch.allclose(theirs, ours, atol=1e-4)
 
 
-def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, optimizer):
+    """Also with bitsandbytes' 8-bit AdamW (the spec's example optimizer): its quantised states survive the state
+    folder (loaded with weights_only) and the resumed run continues exactly."""
     models, toml = make_cached_dataset(tmp_path, "original", n=6, batch_size=2)
     common = ["--max_train_steps", "7", "--learning_rate", "1e-2", "--network_dim", "4", "--lr_scheduler", "cosine",
-              "--lr_warmup_steps", "2", "--gradient_accumulation_steps", "1"]
+              "--lr_warmup_steps", "2", "--gradient_accumulation_steps", "1", "--optimizer_type", optimizer]
+    if optimizer == "adamw8bit":  # bitsandbytes keeps tensors under 4096 elements in 32 bits; the tiny LoRA is smaller
+        common += ["--optimizer_args", "min_8bit_size=0"]
     full = train_main(train_args(models, toml, tmp_path / "full", "original", *common))
 
     def ctrl_c(step):
@@ -166,6 +171,12 @@ def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert e.value.code == 130
     state = tmp_path / "part" / "lora-interrupted-state"
     assert (state / "train_state.json").exists() and not (tmp_path / "part" / "lora.safetensors").exists()
+    def matrices(d):  # the per-parameter moment tensors (bitsandbytes nests them one dict deeper)
+        for v in d.values():
+            yield from matrices(v) if isinstance(v, dict) else ([v] if torch.is_tensor(v) and v.ndim == 2 else [])
+
+    saved = torch.load(state / "optimizer.pt", weights_only=True)["state"]
+    assert {v.dtype for v in matrices(saved)} == ({torch.uint8} if optimizer == "adamw8bit" else {torch.float32})
     monkeypatch.setattr(trainer_mod, "after_optimizer_step", lambda step: None)
     resumed = train_main(train_args(models, toml, tmp_path / "part", "original", *common, "--resume", str(state)))
     assert resumed["steps"] == 7
@@ -184,6 +195,21 @@ def test_nan_loss_stops_with_step(tmp_path, capsys):
                               "torch.optim.SGD"))
     err = capsys.readouterr().err
     assert "error: loss is" in err and "at step" in err
+
+
+@pytest.mark.parametrize("flags,words", [(["--flash_attn"], ["--flash_attn", "--sdpa"]),
+                                         (["--xformers", "--sage_attn"], ["--xformers", "--sage_attn", "one"])])
+def test_attention_flag_errors_before_loading(tmp_path, capsys, monkeypatch, flags, words):
+    import importlib.util
+
+    if flags == ["--flash_attn"] and importlib.util.find_spec("flash_attn"):
+        pytest.skip("flash_attn is installed here")
+    models, toml = make_cached_dataset(tmp_path, "original", n=2)
+    monkeypatch.setattr(trainer_mod, "load_dit_with_options", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit):
+        train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_steps", "1", *flags))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and all(w in err[0] for w in words), err
 
 
 def test_missing_cache_is_a_clear_error(tmp_path, capsys):

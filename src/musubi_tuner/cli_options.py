@@ -45,6 +45,17 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
                    "stream them in when used (training: also in backward)")
     g.add_argument("--disable_numpy_memmap", action="store_true",
                    help="read weight files with plain reads instead of memory mapping (more RAM, sometimes faster)")
+    c = p.add_argument_group("torch.compile")
+    c.add_argument("--compile", action="store_true", help="torch.compile each transformer block (hooks such as "
+                   "block swap stay outside the compiled code)")
+    c.add_argument("--compile_backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
+    c.add_argument("--compile_mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs"], help="torch.compile mode")
+    c.add_argument("--compile_dynamic", action="store_true",
+                   help="compile for dynamic shapes from the start (mixed bucket sizes recompile less)")
+    c.add_argument("--compile_fullgraph", action="store_true", help="fail instead of falling back on graph breaks")
+    c.add_argument("--compile_cache_size_limit", type=int, default=None,
+                   help="torch._dynamo cache_size_limit (raise it when many bucket sizes cause recompiles)")
 
 
 def add_vae_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +99,6 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast precision")
     a.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
     a.add_argument("--gradient_checkpointing_cpu_offload", action="store_true", help="keep block inputs on the CPU")
-    a.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     add_memory_args(p, training=True)
     t = p.add_argument_group("timesteps / loss")
     t.add_argument("--timestep_sampling", choices=list(METHODS), default="shift", help="how t is drawn")

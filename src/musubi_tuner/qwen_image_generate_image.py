@@ -10,7 +10,7 @@ if __package__ in (None, ""):  # run as a file: import the package from src/, no
 
 from musubi_tuner import cli_options as opts  # noqa: E402
 from musubi_tuner.errors import cli_main  # noqa: E402
-from musubi_tuner.qwen_image.generate import ATTN_BACKENDS  # noqa: E402
+from musubi_tuner.memory.attention import ATTN_BACKENDS  # noqa: E402
 
 
 

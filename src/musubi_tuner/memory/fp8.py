@@ -61,6 +61,31 @@ def scaled_mm_available(device: torch.device) -> bool:
     return USE_SCALED_MM and device.type == "cuda" and _fp8_tensor_cores(device)
 
 
+class _Fp8Linear(torch.autograd.Function):
+    """y = x @ dequant(q)^T + b that keeps only the fp8 weight for backward and dequantises it again there.
+    F.linear on a dequantised weight would save that bf16 copy: one block's worth of bf16 weights during a
+    checkpointed block's backward, every block's without checkpointing."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, bias, dtype):
+        w = dequantize_weight(q, scale, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x.to(dtype), w, bias.to(dtype) if bias is not None else None)
+        ctx.save_for_backward(q, scale)
+        ctx.x_dtype, ctx.dtype, ctx.bias_grad = x.dtype, dtype, bias is not None and bias.requires_grad
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        q, scale = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy.to(ctx.dtype) @ dequantize_weight(q, scale, ctx.dtype)).to(ctx.x_dtype)
+        if ctx.bias_grad:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, None, None, gb, None
+
+
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     scale = self.scale_weight
     if (scale.ndim == 2 and not torch.is_grad_enabled() and x.dtype == torch.bfloat16
@@ -72,8 +97,11 @@ def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=scale.t().contiguous(),
                              bias=self.bias, out_dtype=torch.bfloat16)
         return y.reshape(*shape[:-1], self.out_features)
-    w = dequantize_weight(self.weight, scale, x.dtype)
-    return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+        return _Fp8Linear.apply(x, self.weight, scale, self.bias, dtype)
+    w = dequantize_weight(self.weight, scale, dtype)
+    return F.linear(x.to(dtype), w, self.bias.to(dtype) if self.bias is not None else None)
 
 
 def make_fp8_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> None:

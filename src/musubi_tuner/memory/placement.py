@@ -48,6 +48,31 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
     elif training and getattr(args, "gradient_checkpointing_cpu_offload", False):
         raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if getattr(args, "compile", False):
-        for block in model.transformer_blocks:
-            block.compile()
+        compile_blocks(model.transformer_blocks, args)
     return model, swapper
+
+
+def check_compile(args) -> None:
+    """Refuse --compile settings that cannot work, before any model is loaded."""
+    if not getattr(args, "compile", False):
+        return
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if args.compile_backend not in backends:
+        raise UserError(f"--compile_backend {args.compile_backend!r} is not a torch.compile backend here; "
+                        f"choose from {', '.join(backends)}")
+    if args.compile_mode == "reduce-overhead" and getattr(args, "blocks_to_swap", 0):
+        raise UserError("--compile_mode reduce-overhead records CUDA graphs on fixed weight addresses and cannot "
+                        "follow --blocks_to_swap; use --compile_mode default or max-autotune-no-cudagraphs")
+
+
+def compile_blocks(blocks, args) -> None:
+    """torch.compile each block's forward (not its __call__), so module hooks such as block swap's run eagerly
+    around the compiled code. Blocks of one class share the compiled graphs (parameters are graph inputs)."""
+    if args.compile_cache_size_limit:
+        torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
+    options = dict(backend=args.compile_backend, mode=None if args.compile_mode == "default" else args.compile_mode,
+                   dynamic=True if args.compile_dynamic else None, fullgraph=args.compile_fullgraph)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, **options)
+    logger.info("torch.compile (%s, mode %s) on %d blocks; the first steps compile", args.compile_backend,
+                args.compile_mode or "default", len(blocks))

@@ -21,6 +21,8 @@ from safetensors import safe_open
 
 from ..errors import UserError
 from ..fileio import save_image, save_safetensors
+from ..memory.attention import check_attention, set_attention
+from ..memory.placement import check_compile, load_dit_with_options
 from ..networks.lora_files import linear_module_names, load_lora, merge_lora
 from . import edit as E
 from . import latents as L
@@ -32,28 +34,6 @@ from .vae import decode, encode, load_vae
 from .versions import ModelVersion
 
 logger = logging.getLogger(__name__)
-
-ATTN_BACKENDS = {"torch": "_native_math", "sdpa": "native", "xformers": "xformers", "flash": "flash", "sageattn": "sage"}
-
-
-def check_attention(attn_mode: str) -> None:
-    """Fail before any model loads when the backend's package is missing."""
-    backend = ATTN_BACKENDS[attn_mode]
-    if backend in ("native", "_native_math"):
-        return
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
-
-    try:
-        _check_attention_backend_requirements(AttentionBackendName(backend))
-    except (ImportError, RuntimeError, ValueError) as e:
-        raise UserError(f"--attn_mode {attn_mode}: backend not usable here ({str(e).splitlines()[0]}); "
-                        f"install it or use --attn_mode sdpa") from None
-
-
-def set_attention(model, attn_mode: str) -> None:
-    check_attention(attn_mode)
-    if ATTN_BACKENDS[attn_mode] != "native":  # native: diffusers' default dispatch (torch SDPA)
-        model.set_attention_backend(ATTN_BACKENDS[attn_mode])
 
 
 def compute_setup(device: str | None) -> tuple[torch.device, torch.dtype]:
@@ -326,6 +306,7 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
         return decode_and_save(vae, items, args.vae_enable_tiling)
 
     check_attention(args.attn_mode)
+    check_compile(args)
     specs = build_specs(args, version)
     jobs = resolve_controls(specs, args, version)
     has_controls = any(j.prepared for j in jobs)
@@ -339,8 +320,6 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     if has_controls:
         vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
         encode_controls(vae, jobs, version)
-
-    from ..memory.placement import load_dit_with_options
 
     model, _ = load_dit_with_options(args, version, dtype, device)
     set_attention(model, args.attn_mode)

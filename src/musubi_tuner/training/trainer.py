@@ -22,7 +22,8 @@ from ..dataset.config import load_dataset_config
 from ..dataset.items import collect_items
 from ..dataset.loader import CachedBatches, check_caches, make_loader
 from ..errors import UserError
-from ..memory.placement import load_dit_with_options
+from ..memory.attention import check_attention, set_attention
+from ..memory.placement import check_compile, load_dit_with_options
 from ..qwen_image.versions import ModelVersion
 from .checkpoints import TrainState, checkpoint_name, load_state, prune, save_state
 from .loss import flow_matching_loss, sample_generators
@@ -31,6 +32,14 @@ from .optim import build_optimizer, build_scheduler
 logger = logging.getLogger(__name__)
 
 ATTENTION_FLAGS = {"xformers": "xformers", "flash_attn": "flash", "sage_attn": "sageattn"}  # -> --attn_mode names
+
+
+def attention_mode(args) -> tuple[str, str | None]:
+    """(--attn_mode name, the flag that chose it) from --sdpa / --xformers / --flash_attn / --sage_attn."""
+    chosen = [flag for flag in ATTENTION_FLAGS if getattr(args, flag)]
+    if len(chosen) > 1:
+        raise UserError(f"choose one attention backend, not {' and '.join('--' + f for f in chosen)}")
+    return (ATTENTION_FLAGS[chosen[0]], "--" + chosen[0]) if chosen else ("sdpa", None)
 
 
 def after_optimizer_step(step: int) -> None:
@@ -85,6 +94,8 @@ def validate(args, version: ModelVersion) -> list:
         raise UserError("--remove_first_image_from_target only applies to --model_version layered")
     if args.gradient_accumulation_steps < 1:
         raise UserError("--gradient_accumulation_steps must be >= 1")
+    check_attention(*attention_mode(args))
+    check_compile(args)
     items = collect_items(load_dataset_config(args.dataset_config), version)
     return check_caches(items, version, args.vae, args.text_encoder)
 
@@ -128,11 +139,7 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         raise UserError("--blocks_to_swap in full finetuning needs --fused_backward_pass (each block is updated "
                         "while it is on the device)")
     transformer, _ = load_dit_with_options(args, version, dtype, device, training=True)
-    for flag, backend in ATTENTION_FLAGS.items():
-        if getattr(args, flag):
-            from ..qwen_image.generate import set_attention
-
-            set_attention(transformer, backend)
+    set_attention(transformer, attention_mode(args)[0])
     groups = mode.setup(transformer, args)
     trainable = mode.trainable_module()
     params = [p for g in groups for p in g["params"]]
