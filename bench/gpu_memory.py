@@ -184,6 +184,23 @@ def check_fp8_matmul(device, tiny: bool) -> dict:
             "scaled_mm_s": round(out[True][0], 4), "scaled_mm_rel_err": round(out[True][1], 4)}
 
 
+def check_host_to_device(device) -> dict:
+    """Pinned host -> device copy bandwidth, one fp8 block's worth (340 MB) at a time: the floor of what block swap
+    costs per swapped block in the forward pass where it cannot hide behind compute."""
+    if device.type != "cuda":
+        return {}
+    host = torch.empty(340 * 2**20, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device=device)
+    dev.copy_(host, non_blocking=True)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        dev.copy_(host, non_blocking=True)
+    sync(device)
+    sec = (time.perf_counter() - t) / 10
+    return {"pinned_h2d_gb_s": round(host.numel() / sec / 1e9, 1), "ms_per_340MB": round(sec * 1e3, 2)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small dims on CPU (dry run)")
@@ -201,6 +218,8 @@ def main():
         print("block swap vs no swap (max rel diff):", results["swap_exact"], flush=True)
         results["fp8_matmul"] = check_fp8_matmul(device, args.tiny)
         print("fp8 matmul:", results["fp8_matmul"], flush=True)
+        results["host_to_device"] = check_host_to_device(device)
+        print("host to device:", results["host_to_device"], flush=True)
     rows = []
     for name in args.configs.split(","):
         try:

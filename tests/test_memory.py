@@ -121,13 +121,18 @@ class PoisonMover:
 
     def __init__(self):
         self.stash = {}
+        self.on_device = set()  # swapped blocks currently on the "device"
+        self.most_on_device = 0
 
     def to_host(self, module):
+        self.on_device.discard(id(module))
         for t in list(module.parameters()) + list(module.buffers()):
             self.stash[id(t)] = t.data
             t.data = torch.full_like(t.data, float("nan"))
 
     def to_device(self, module):
+        self.on_device.add(id(module))
+        self.most_on_device = max(self.most_on_device, len(self.on_device))
         for t in list(module.parameters()) + list(module.buffers()):
             t.data = self.stash.pop(id(t)).clone()
 
@@ -141,7 +146,7 @@ def test_block_swap_equals_no_swap(checkpointing, train):
     def build():
         torch.manual_seed(0)
         m = tiny_dit(seed=2)
-        m.transformer_blocks.extend([tiny_dit(seed=3).transformer_blocks[0], tiny_dit(seed=4).transformer_blocks[1]])
+        m.transformer_blocks.extend([*tiny_dit(seed=3).transformer_blocks, *tiny_dit(seed=4).transformer_blocks])
         if checkpointing:
             m.enable_gradient_checkpointing()
         net = None
@@ -166,10 +171,14 @@ def test_block_swap_equals_no_swap(checkpointing, train):
 
     ref_out, ref_grads = run(*build())
     m, net = build()
-    uses = []
-    swapper = BlockSwapper(m.transformer_blocks, 3, "cpu", mover=PoisonMover(), on_use=lambda i, r: uses.append((i, r)))
+    uses, mover = [], PoisonMover()
+    swapper = BlockSwapper(m.transformer_blocks, 4, "cpu", mover=mover, on_use=lambda i, r: uses.append((i, r)))
+    assert swapper.swapped == {0, 1, 3, 4}  # spread between the resident blocks 2 and 5
     out, grads = run(m, net)
-    assert all(r for _, r in uses) and {i for i, _ in uses} == {0, 1, 2, 3}
+    assert all(r for _, r in uses) and {i for i, _ in uses} == set(range(6))
+    # the block computing and the one arriving; after a backward the first swapped block stays for the next forward,
+    # so the backward of the second pass's graph holds one more
+    assert mover.most_on_device == (2 if train == "inference" else 3)
     for a, b in zip(ref_out, out):
         assert torch.equal(a, b)
     assert len(grads) == len(ref_grads) and all(torch.equal(a, b) for a, b in zip(ref_grads, grads))

@@ -1,13 +1,20 @@
-"""Block swap: keep the last N blocks of an nn.ModuleList in (pinned) CPU memory and stream each to the compute
-device just before it is used, in forward (training and sampling) and in backward, with or without gradient
-checkpointing, LoRA and fp8 weights.
+"""Block swap: keep N blocks of an nn.ModuleList in (pinned) CPU memory and stream each to the compute device just
+before it is used, in forward (training and sampling) and in backward, with or without gradient checkpointing, LoRA
+and fp8 weights.
+
+Which blocks: the swapped ones are spread evenly between the resident ones (for 45 of 60: three swapped, one
+resident, ...; the last block stays resident, so backward starts without waiting). Copies run on one copy engine,
+so a pass costs at least max(compute, N x copy time); with the swapped blocks at one end, the copies of that end
+could only overlap that end's compute and the pass cost N x max(compute, copy) per block instead.
 
 Only module hooks are used (no structural change, so parameter names and state dicts stay the same):
-- forward pre-hook of block i: make sure block i is resident; prefetch the next swapped block;
+- forward pre-hook of block i: make sure block i is resident; prefetch the next swapped block after i (without
+  gradients, e.g. sampling, after the last swapped block comes the first one, for the next call);
 - forward hook of block i: outside backward, send block i back (if swapped) and register gradient hooks on its
   outputs; during backward (a gradient-checkpointing recompute) keep it, backward needs it;
-- gradient hook on block i's outputs (fires when backward reaches block i): bring block i in, send block i+1
-  back, prefetch block i-1.
+- gradient hook on block i's outputs (fires when backward reaches block i): bring block i in, send the block after
+  it back, prefetch the next swapped block before i.
+At most two swapped blocks are on the device at a time (the one computing and the one arriving).
 Moves replace `param.data`, so autograd's saved references follow the weights. On CUDA copies run on a side stream
 and are fenced with events; elsewhere they are synchronous.
 """
@@ -97,7 +104,10 @@ class BlockSwapper:
         if not 0 < num_swap < n:
             raise ValueError(f"blocks_to_swap must be between 1 and {n - 1} (the model has {n} blocks), got {num_swap}")
         self.blocks, self.n, self.num_swap = blocks, n, num_swap
-        self.swapped = set(range(n - num_swap, n))
+        self.swapped = swapped_blocks(n, num_swap)
+        order = sorted(self.swapped)
+        self.next_swapped = {i: next((j for j in order if j > i), None) for i in range(n)}
+        self.prev_swapped = {i: next((j for j in reversed(order) if j < i), None) for i in range(n)}
         self.mover = mover or TensorMover(device)
         self.on_use = on_use  # test seam: called with (index, resident) whenever a block computes
         self.resident = {i: True for i in range(n)}
@@ -123,8 +133,8 @@ class BlockSwapper:
             self.events[i] = self.mover.to_host(self.blocks[i])
             self.resident[i] = False
 
-    def prefetch(self, i: int) -> None:
-        if 0 <= i < self.n and i in self.swapped and not self.resident[i]:
+    def prefetch(self, i: int | None) -> None:
+        if i is not None and not self.resident[i]:
             self.events[i] = self.mover.to_device(self.blocks[i])
             self.resident[i] = True
 
@@ -135,7 +145,10 @@ class BlockSwapper:
             if self.on_use is not None:
                 self.on_use(i, self.resident[i])
             if not _in_backward():
-                self.prefetch(i + 1)
+                nxt = self.next_swapped[i]
+                if nxt is None and not torch.is_grad_enabled():  # sampling: the next step starts with it
+                    nxt = min(self.swapped)
+                self.prefetch(nxt)
 
         return hook
 
@@ -157,8 +170,9 @@ class BlockSwapper:
             self.ensure(i)
             if self.on_use is not None:
                 self.on_use(i, self.resident[i])
-            self.offload(i + 1)
-            self.prefetch(i - 1)
+            if i + 1 < self.n:
+                self.offload(i + 1)
+            self.prefetch(self.prev_swapped[i])
             return grad
 
         return hook
@@ -170,11 +184,17 @@ class BlockSwapper:
             self.ensure(i)
 
 
+def swapped_blocks(n: int, num_swap: int) -> set[int]:
+    """The `num_swap` of `n` blocks to keep in CPU memory: the resident ones spread evenly, the last one resident."""
+    resident = n - num_swap
+    return set(range(n)) - {(j + 1) * n // resident - 1 for j in range(resident)}
+
+
 def enable_block_swap(model: nn.Module, num_swap: int, device: torch.device, **kwargs) -> BlockSwapper:
-    """Put `model` on `device` except the last `num_swap` transformer blocks, which stay in (pinned) CPU memory and
-    are streamed in when used."""
+    """Put `model` on `device` except `num_swap` transformer blocks (spread between the others), which stay in
+    (pinned) CPU memory and are streamed in when used."""
     blocks = model.transformer_blocks
-    keep = set(range(len(blocks) - num_swap, len(blocks)))
+    keep = swapped_blocks(len(blocks), num_swap)
     for name, child in model.named_children():
         if child is not blocks:
             child.to(device)
