@@ -115,6 +115,21 @@ def test_fp8_backward_equals_dequantized_and_saves_no_weight_copy(autocast):
     assert worst < 1e-6
 
 
+def test_fp8_linear_bias_and_input_gradients():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    ref = nn.Linear(32, 16)
+    q, scale = fp8.quantize_weight(lin.weight.detach())
+    fp8.make_fp8_linear(lin, q, scale)
+    ref.weight.data = fp8.dequantize_weight(q, scale, torch.float32)
+    ref.bias.data = lin.bias.data.clone()
+    x = torch.randn(3, 5, 32)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    for m, x in zip((lin, ref), xs):
+        m(x).pow(2).sum().backward()
+    assert torch.allclose(xs[0].grad, xs[1].grad, atol=1e-5) and torch.allclose(lin.bias.grad, ref.bias.grad, atol=1e-5)
+
+
 class PoisonMover:
     """Simulated device pair on CPU: an offloaded tensor's data is replaced by NaNs (kept aside), so any use of an
     offloaded block poisons the result, and every move gives the data new storage."""

@@ -4,8 +4,9 @@ and fp8 weights.
 
 Which blocks: the swapped ones are spread evenly between the resident ones (for 45 of 60: three swapped, one
 resident, ...; the last block stays resident, so backward starts without waiting). Copies run on one copy engine,
-so a pass costs at least max(compute, N x copy time); with the swapped blocks at one end, the copies of that end
-could only overlap that end's compute and the pass cost N x max(compute, copy) per block instead.
+so a pass takes at least max(all blocks' compute, N copies); with the swapped blocks at one end, each copy could only
+overlap a swapped block's compute, and the pass took N x max(block compute, copy) for that end
+(bench/swap_schedule.py simulates both).
 
 Only module hooks are used (no structural change, so parameter names and state dicts stay the same):
 - forward pre-hook of block i: make sure block i is resident; prefetch the next swapped block after i (without

@@ -72,7 +72,8 @@ class _Fp8Linear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x.to(dtype), w, bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(q, scale)
-        ctx.x_dtype, ctx.dtype, ctx.bias_grad = x.dtype, dtype, bias is not None and bias.requires_grad
+        ctx.x_dtype, ctx.dtype = x.dtype, dtype
+        ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
         return y
 
     @staticmethod
@@ -81,8 +82,8 @@ class _Fp8Linear(torch.autograd.Function):
         gx = gb = None
         if ctx.needs_input_grad[0]:
             gx = (gy.to(ctx.dtype) @ dequantize_weight(q, scale, ctx.dtype)).to(ctx.x_dtype)
-        if ctx.bias_grad:
-            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        if ctx.bias_dtype is not None:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype)
         return gx, None, None, gb, None
 
 
