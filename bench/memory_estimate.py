@@ -9,10 +9,11 @@ It counts tensors only: no CUDA context, cuBLAS / attention workspaces or alloca
 measured `max_memory_allocated` of the same configuration (bench/gpu_memory.py, "none", fp32 AdamW) was 42.48 GiB
 against 41.95 GiB estimated here, so add about 0.5 GiB.
 
-    python bench/memory_estimate.py [--configs adamw,adamw8bit,fp8+adamw,fp8+adamw8bit] [--layers 60]
+    python bench/memory_estimate.py [--configs adamw,adamw8bit,fp8+adamw,fp8+adamw8bit,...] [--layers 60]
 
-adamw8bit allocates bitsandbytes' AdamW8bit state layout (two uint8 moments + one float32 absmax per 256 values);
-its kernels cannot run on fake tensors.
+A configuration is "+"-joined words: adamw | adamw8bit, fp8 (--fp8_scaled), swapN (--blocks_to_swap N: our
+BlockSwapper with blocks in CPU memory held as uncounted meta tensors). adamw8bit allocates bitsandbytes' AdamW8bit state layout (two uint8 moments + one float32 absmax per 256 values);
+its kernels cannot run on fake tensors. "weights" is what is resident before the first step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from diffusers import QwenImageTransformer2DModel  # noqa: E402
 
 from musubi_tuner.memory import fp8 as fp8mod  # noqa: E402
 from musubi_tuner.memory.attention import enable_checkpointing  # noqa: E402
+from musubi_tuner.memory.block_swap import BlockSwapper  # noqa: E402
 from musubi_tuner.networks.lora_qwen_image import create_network  # noqa: E402
 
 GIB = 2**30
@@ -48,12 +50,14 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = WeakIdKeyDictionary()
+        self.host = WeakIdKeyDictionary()  # storages standing for CPU memory (block swap), not counted
         self.current = self.peak = 0
         self.phase = self.peak_phase = ""
+        self.hosting = False
 
     def track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        if storage in self.live:
+        if storage in self.live or storage in self.host:
             return
         n = storage.nbytes()
         self.live[storage] = n
@@ -63,8 +67,19 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, n: int) -> None:
         self.current -= n
 
+    def host_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        self.hosting = True
+        try:
+            t = torch.empty(like.shape, dtype=like.dtype)
+        finally:
+            self.hosting = False
+        self.host[t.untyped_storage()] = True
+        return t
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.hosting:
+            return out
         tree_map_only(torch.Tensor, self.track, out)
         if self.current > self.peak:
             self.peak, self.peak_phase = self.current, self.phase
@@ -88,6 +103,25 @@ class AdamW8bitStates(torch.optim.Optimizer):
                                          absmax1=torch.empty(blocks), absmax2=torch.empty(blocks))
 
 
+class FakeHost:
+    """Block swap's mover for fake tensors: a block in CPU memory holds new tensors that the meter does not count,
+    one brought to the device gets new counted ones."""
+
+    def __init__(self, meter: LiveBytes):
+        self.meter = meter
+
+    def to_host(self, module):
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = self.meter.host_tensor(t)
+
+    def to_device(self, module):
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = torch.empty(t.shape, dtype=t.dtype)
+
+    def wait(self, event):
+        pass
+
+
 def fake_model(layers: int, fp8: bool) -> QwenImageTransformer2DModel:
     with init_empty_weights():
         model = QwenImageTransformer2DModel(num_layers=layers)
@@ -104,24 +138,27 @@ def fake_model(layers: int, fp8: bool) -> QwenImageTransformer2DModel:
 
 
 def estimate(config: str, layers: int, size: int, text_tokens: int, rank: int, steps: int = 2) -> dict:
-    fp8 = "fp8" in config
+    words = set(config.split("+"))
+    swap = next((int(w[4:]) for w in words if w.startswith("swap")), 0)
     with FakeTensorMode():
-        model = fake_model(layers, fp8)
+        meter = LiveBytes()
+        model = fake_model(layers, "fp8" in words)
+        swapper = BlockSwapper(model.transformer_blocks, swap, "cpu", mover=FakeHost(meter)) if swap else None
         enable_checkpointing(model)
         model.train()
         net = create_network(1.0, rank, rank, None, None, model)
         net.apply_to(None, model)
         params = list(net.parameters())
-        opt = AdamW8bitStates(params) if "adamw8bit" in config else torch.optim.AdamW(params, lr=1e-4)
+        opt = AdamW8bitStates(params) if "adamw8bit" in words else torch.optim.AdamW(params, lr=1e-4)
         n = (size // 16) ** 2
         x = dict(hidden_states=torch.randn(1, n, 64, dtype=torch.bfloat16),
                  encoder_hidden_states=torch.randn(1, text_tokens, 3584, dtype=torch.bfloat16),
                  timestep=torch.full((1,), 0.5, dtype=torch.bfloat16), img_shapes=[[(1, size // 16, size // 16)]],
                  return_dict=False)
-        meter = LiveBytes()
         for t in [*model.parameters(), *model.buffers(), *params, x["hidden_states"], x["encoder_hidden_states"]]:
             meter.track(t)
-        weights = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
+        weights = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]
+                      if t.untyped_storage() not in meter.host)  # resident weights
         with meter:
             for step in range(steps):
                 meter.phase = "forward"
@@ -133,6 +170,7 @@ def estimate(config: str, layers: int, size: int, text_tokens: int, rank: int, s
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 meter.phase = ""
+        del swapper
         states = sum(t.untyped_storage().nbytes() for s in opt.state.values() for t in s.values()
                      if isinstance(t, torch.Tensor) and t.ndim > 0)
     return {"config": config, "weights_gib": weights / GIB, "lora_gib": sum(p.numel() * 4 for p in params) / GIB,
@@ -141,17 +179,18 @@ def estimate(config: str, layers: int, size: int, text_tokens: int, rank: int, s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="adamw,adamw8bit,fp8+adamw,fp8+adamw8bit")
+    p.add_argument("--configs", default="adamw,adamw8bit,fp8+adamw,fp8+adamw8bit,fp8+swap16+adamw,fp8+swap45+adamw,"
+                                        "fp8+swap16+adamw8bit,fp8+swap45+adamw8bit")
     p.add_argument("--layers", type=int, default=60)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--text_tokens", type=int, default=128)
     p.add_argument("--rank", type=int, default=16)
     args = p.parse_args()
-    print(f"{'config':<16}{'weights':>9}{'LoRA':>7}{'optim':>7}{'peak GiB':>10}  peak in      (s)")
+    print(f"{'config':<22}{'weights':>9}{'LoRA':>7}{'optim':>7}{'peak GiB':>10}  peak in      (s)")
     for config in args.configs.split(","):
         t = time.perf_counter()
         r = estimate(config, args.layers, args.size, args.text_tokens, args.rank)
-        print(f"{config:<16}{r['weights_gib']:>9.2f}{r['lora_gib']:>7.2f}{r['optimizer_gib']:>7.2f}"
+        print(f"{config:<22}{r['weights_gib']:>9.2f}{r['lora_gib']:>7.2f}{r['optimizer_gib']:>7.2f}"
               f"{r['peak_gib']:>10.2f}  {r['peak_in']:<12} {time.perf_counter() - t:.0f}", flush=True)
 
 
