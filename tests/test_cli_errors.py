@@ -62,7 +62,10 @@ def test_image_size_not_multiple_of_16(tmp_path, capsys, tiny_models):
     assert not out.exists()
 
 
-def test_blocks_to_swap_out_of_range(tmp_path, capsys, tiny_models):
+def test_blocks_to_swap_out_of_range(tmp_path, capsys, tiny_models, monkeypatch):
+    from musubi_tuner.qwen_image import dit
+
+    monkeypatch.setattr(dit, "load_tensors", lambda *a, **k: pytest.fail("DiT weights were read before the check"))
     line = run_cli_inprocess(capsys, base_args(tiny_models, tmp_path / "o") + ["--blocks_to_swap", "4"])
     assert "--blocks_to_swap must be between 1 and 1" in line
 

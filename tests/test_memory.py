@@ -324,6 +324,30 @@ def test_streaming_fp8_load_equals_quantizing_after_load(tiny_models):
         assert torch.equal(streamed(**dit_inputs())[0], after(**dit_inputs())[0])
 
 
+def test_compile_options_reach_torch_compile(monkeypatch):
+    """--compile_mode/--compile_dynamic/--compile_fullgraph/--compile_backend go to torch.compile of each block's
+    forward; --compile_cache_size_limit sets dynamo's limit."""
+    import argparse
+
+    from musubi_tuner.memory.placement import compile_blocks
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((fn, kw)) or fn)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
+    m = tiny_dit()
+    compile_blocks(m.transformer_blocks, argparse.Namespace(
+        compile_backend="aot_eager", compile_mode="max-autotune-no-cudagraphs", compile_dynamic=True,
+        compile_fullgraph=True, compile_cache_size_limit=17))
+    assert [fn.__self__ for fn, _ in calls] == list(m.transformer_blocks)
+    assert all(kw == dict(backend="aot_eager", mode="max-autotune-no-cudagraphs", dynamic=True, fullgraph=True)
+               for _, kw in calls)
+    assert torch._dynamo.config.cache_size_limit == 17
+    compile_blocks(m.transformer_blocks, argparse.Namespace(
+        compile_backend="inductor", compile_mode="default", compile_dynamic=False, compile_fullgraph=False,
+        compile_cache_size_limit=None))
+    assert calls[-1][1] == dict(backend="inductor", mode=None, dynamic=None, fullgraph=False)
+
+
 def test_compile_trains_like_eager_with_memory_options(tmp_path):
     """--compile on the blocks (aot_eager: dynamo + AOT autograd without a C++ toolchain) around block swap hooks,
     gradient checkpointing, fp8 weights and LoRA: the same losses and LoRA as eager, and one graph for all blocks."""

@@ -45,11 +45,13 @@ def save_image(image, path: str | os.PathLike, **kwargs) -> Path:
     return path
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-if hasattr(torch, "float8_e4m3fn"):
-    _ST_DTYPES.update({torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"})
+# safetensors dtype names <-> torch dtypes (reading and streaming writes share this one table)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def save_safetensors_streaming(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -68,7 +70,7 @@ def save_safetensors_streaming(tensors: dict[str, torch.Tensor], path: str | os.
     for k, t in tensors.items():
         dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
         n = t.numel() * torch.empty((), dtype=dt).element_size()
-        header[k] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[k] = {"dtype": _DTYPE_NAMES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

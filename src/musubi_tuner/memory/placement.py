@@ -30,17 +30,19 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
     """Returns (model, swapper or None). With block swap the model is loaded into CPU memory first and only the
     resident blocks go to the device, so peak device memory never holds the whole model."""
     swap = getattr(args, "blocks_to_swap", 0) or 0
+
+    def check_swap(config: dict) -> None:  # before the weights are read
+        n = config["num_layers"]
+        if swap and not 0 < swap < n:
+            raise UserError(f"--blocks_to_swap must be between 1 and {n - 1} for this DiT ({n} blocks), got {swap}")
+
     mode = fp8_mode(args)
     model = load_dit(args.dit, version, dtype, "cpu" if swap else device,
-                     disable_mmap=getattr(args, "disable_numpy_memmap", False), fp8_mode=mode, compute_device=device)
+                     disable_mmap=getattr(args, "disable_numpy_memmap", False), fp8_mode=mode, compute_device=device,
+                     check_config=check_swap)
     if mode:
         logger.info("fp8 (%s): Linear weights of the transformer blocks quantised while loading", mode)
-    swapper = None
-    if swap:
-        n = len(model.transformer_blocks)
-        if not 0 < swap < n:
-            raise UserError(f"--blocks_to_swap must be between 1 and {n - 1} for this DiT ({n} blocks), got {swap}")
-        swapper = enable_block_swap(model, swap, device)
+    swapper = enable_block_swap(model, swap, device) if swap else None
     if getattr(args, "split_attn", False):
         enable_split_attention(model)
     if training and getattr(args, "gradient_checkpointing", False):

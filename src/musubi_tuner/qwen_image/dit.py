@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
@@ -90,9 +91,11 @@ def load_dit(
     option: str = "--dit",
     fp8_mode: str | None = None,
     compute_device: str | torch.device | None = None,
+    check_config: Callable[[dict], None] | None = None,
 ) -> QwenImageTransformer2DModel:
     """fp8_mode ("tensor" = --fp8_base, "channel" / "block" = --fp8_scaled) quantises the Linear weights of the
-    transformer blocks while they stream in (on compute_device), so the high-precision model never exists whole."""
+    transformer blocks while they stream in (on compute_device), so the high-precision model never exists whole.
+    check_config(config) runs once the config is known from the header, before any weight is read."""
     files = resolve_files(path, option, subfolder="transformer")
     raw_shapes, dtypes, _ = read_header(files)
     shapes = {sk: v for k, v in raw_shapes.items() if (sk := strip_prefix(k)) is not None}
@@ -119,6 +122,8 @@ def load_dit(
                        files[0], version.name)
     config["zero_cond_t"] = version.zero_cond_t
     config["use_layer3d_rope"] = version.layer3d_rope
+    if check_config is not None:
+        check_config(config)
 
     with init_empty_weights():
         model = QwenImageTransformer2DModel(**config)

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
+from ..fileio import SAFETENSORS_DTYPES
 
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.safetensors$")
 FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
@@ -59,19 +60,12 @@ def read_header(files: Iterable[Path]) -> tuple[dict[str, tuple[int, ...]], dict
                 for k in sf.keys():
                     sl = sf.get_slice(k)
                     shapes[k] = tuple(sl.get_shape())
-                    dtypes[k] = _DTYPES.get(sl.get_dtype(), torch.float32)
+                    dtypes[k] = SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
         except UserError:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
             raise UserError(f"cannot read {f}: not a valid safetensors file ({type(e).__name__}: {e})") from None
     return shapes, dtypes, metadata
-
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
 
 
 def refuse_fp8(files: list[Path], dtypes: dict[str, torch.dtype], option: str, instead: str) -> None:
@@ -95,7 +89,7 @@ def iter_file_tensors(path: Path):
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])
         for key, info in entries:
-            dtype = _DTYPES.get(info["dtype"])
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
             t = torch.empty(info["shape"], dtype=dtype)

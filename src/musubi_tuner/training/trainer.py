@@ -215,7 +215,7 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
                     raise UserError(f"loss is {loss.item()} at step {state.global_step + 1} (epoch {epoch + 1}); "
                                     "lower --learning_rate, use --mixed_precision bf16 or check the caches")
                 accelerator.backward(loss / ga)
-                trace.items.append(batch["items"])
+                trace.record(batch["items"])
                 micro += 1
                 state.batch = micro
                 losses.append(loss.item())
@@ -264,8 +264,7 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         if mode.sharded:  # collectives after an interrupt are not safe: the last periodic state is the resume point
             print(f"interrupted at step {state.global_step}; resume from the last saved -state folder")
         elif accelerator.is_main_process:
-            folder = save_state(output_dir / f"{args.output_name}-interrupted-state", state, trainable.state_dict(),
-                                optimizer, scheduler)
+            folder = write_state(output_dir / f"{args.output_name}-interrupted-state")
             print(f"interrupted at step {state.global_step}: state saved to {folder}; continue with --resume {folder}")
         accelerator.end_training()
         raise SystemExit(130) from None
@@ -287,6 +286,10 @@ class Trace:
         import os
 
         self.dir, self.rank, self.items = os.environ.get("MUSUBI_TUNER_TRACE_DIR"), rank, []
+
+    def record(self, items: list[int]) -> None:
+        if self.dir:
+            self.items.append(items)
 
     def write(self, module: torch.nn.Module) -> None:
         if not self.dir:
