@@ -49,7 +49,7 @@ def test_missing_file(tmp_path, capsys, tiny_models):
 def test_vae_as_dit(tmp_path, capsys, tiny_models):
     out = tmp_path / "out"
     line = run_cli_inprocess(capsys, base_args(tiny_models, out, tiny_models["vae"]))
-    assert "--dit" in line and "not a Qwen-Image DiT" in line
+    assert "--dit" in line and "is a 3-channel (RGB) VAE, not the Qwen-Image DiT" in line
     assert not out.exists() or not any(out.iterdir())
 
 

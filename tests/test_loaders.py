@@ -8,7 +8,8 @@ from layouts import diffusers_vae_key_to_wan, write_sharded, write_single
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.qwen_image import tiny
-from musubi_tuner.qwen_image.dit import COMFY_PREFIX, ZERO_COND_MARKER, load_dit
+from musubi_tuner.qwen_image.dit import load_dit
+from musubi_tuner.qwen_image.model_files import COMFY_DIT_PREFIX as COMFY_PREFIX, ZERO_COND_MARKER
 from musubi_tuner.qwen_image.text_encoder import load_text_encoder, load_tokenizer, to_comfy_key
 from musubi_tuner.qwen_image.vae import load_vae
 from musubi_tuner.qwen_image.versions import VERSIONS, resolve_version
@@ -73,7 +74,7 @@ def test_dit_refuses_fp8_and_wrong_files(tmp_path):
     with pytest.raises(UserError, match="already fp8"):
         load_dit(scaled, VERSIONS["original"])
     vae_file = write_single(tiny.tiny_vae().state_dict(), tmp_path / "vae.safetensors")
-    with pytest.raises(UserError, match="not a Qwen-Image DiT"):
+    with pytest.raises(UserError, match="is a 3-channel .RGB. VAE, not the Qwen-Image DiT"):
         load_dit(vae_file, VERSIONS["original"])
     with pytest.raises(UserError, match="file not found"):
         load_dit(tmp_path / "nope.safetensors", VERSIONS["original"])
@@ -104,7 +105,7 @@ def test_vae_layouts(tmp_path, layout, channels):
 
 def test_vae_refuses_dit(tmp_path):
     path = write_single(tiny.tiny_dit().state_dict(), tmp_path / "dit.safetensors")
-    with pytest.raises(UserError, match="not a Qwen-Image VAE"):
+    with pytest.raises(UserError, match="is a Qwen-Image DiT, not the Qwen-Image VAE"):
         load_vae(path)
 
 
@@ -127,7 +128,7 @@ def test_text_encoder_comfy_file_and_transformers_folder(tmp_path):
         a = te(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         b = ref(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     assert torch.equal(a, b)
-    with pytest.raises(UserError, match="not a Qwen2.5-VL"):
+    with pytest.raises(UserError, match="is a Qwen-Image DiT, not the Qwen2.5-VL text encoder"):
         load_text_encoder(write_single(tiny.tiny_dit().state_dict(), tmp_path / "d.safetensors"))
 
 

@@ -134,6 +134,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", help="state folder to resume from")
     r.add_argument("--output_dir", help="folder for checkpoints, samples and logs")
     r.add_argument("--output_name", default="qwen_image", help="checkpoint base name")
+    r.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run with the same "
+                   "--output_dir and --output_name (otherwise that is refused)")
     r.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None, help="dtype of saved weights")
     r.add_argument("--logging_dir", default=None, help="log folder (default: <output_dir>/logs)")
     r.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default="tensorboard")

@@ -31,11 +31,12 @@ def main(argv=None):
 
     from musubi_tuner.networks.lora_files import canonical_lora, save_lora
     from musubi_tuner.qwen_image.dit import linear_names
-    from musubi_tuner.qwen_image.weights import load_tensors, resolve_files
+    from musubi_tuner.qwen_image.model_files import expect
+    from musubi_tuner.qwen_image.weights import load_tensors
 
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise UserError("--output must differ from --input")
-    files = resolve_files(args.input, "--input")
+    files = expect(args.input, "--input", "lora").files
     state = load_tensors(files, None)
     with safe_open(str(files[0]), "pt") as f:
         metadata = f.metadata() or {}

@@ -60,7 +60,7 @@ def main(argv=None):
         "--learning_rate", "1e-2", "--timestep_sampling", "uniform", "--max_train_steps", str(args.steps),
         "--save_every_n_steps", str(max(1, args.steps // 2)), "--sample_prompts", str(prompts),
         "--sample_every_n_steps", str(max(1, args.steps // 2)), "--sample_at_first", "--seed", "42",
-        "--max_data_loader_n_workers", "0", *dev])
+        "--max_data_loader_n_workers", "0", "--overwrite", *dev])
     gen = ["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder", str(models["text_encoder"]),
            "--prompt", "a red circle on a white background", "--image_size", "64", "64", "--infer_steps", "20",
            "--guidance_scale", "1.0", "--seed", "7", "--output_type", "latent_images", *dev]

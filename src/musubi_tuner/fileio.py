@@ -1,5 +1,10 @@
 """Atomic file writes: everything is written to a temporary file in the target folder, then renamed, so an
-interrupted run never leaves a half-written checkpoint, cache or image behind."""
+interrupted run never leaves a half-written checkpoint, cache or image behind.
+
+Temporary names are `.<final name>.<random>.tmp` (files and folders alike), so leftovers of a killed process can be
+recognised and removed (training.outputs.remove_leftovers). Finished files get the usual permissions (0666 / 0777
+under the user's umask), not the 0600 / 0700 of mkstemp / mkdtemp.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +17,47 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def usual_permissions(path: str | os.PathLike, folder: bool = False) -> None:
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def temp_name_prefix(final: Path) -> str:
+    return f".{final.name}."
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file the usual permissions
     try:
         yield Path(tmp)
+        # after writing: writers such as safetensors' save_file replace the file, so its mode is set here
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_folder(final: str | os.PathLike) -> Path:
+    """An empty temporary folder beside `final` (to be renamed onto it once complete)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name_prefix(final), suffix=TMP_SUFFIX, dir=final.parent))
+    usual_permissions(tmp, folder=True)
+    return tmp
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -84,3 +113,41 @@ def save_safetensors_streaming(tensors: dict[str, torch.Tensor], path: str | os.
             f.write(c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
             del c
     return Path(path)
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file; anything else is one clear error naming the file and the byte."""
+    from .errors import UserError
+
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        "save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def check_writable_folder(path: str | os.PathLike, option: str) -> None:
+    """Fail now, not after hours of work, when `path` cannot become a folder we can write into. Nothing is created:
+    a probe file is made (and removed) in the nearest folder that exists."""
+    from .errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder; pass a folder")
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UserError(f"{option} {path}: {probe_dir} is a file, so the folder cannot be created")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TMP_SUFFIX, dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write in {probe_dir} ({e.strerror or e}); choose a writable "
+                        "folder") from None

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..fileio import save_safetensors
+from ..fileio import check_writable_folder, save_safetensors
 from ..qwen_image.generate import compute_setup
+from ..qwen_image.model_files import expect
 from ..qwen_image.versions import ModelVersion
 from .cache import (
     latent_cache_path, latent_metadata, model_id, remove_orphans, stale_reason, text_cache_path, text_metadata,
@@ -26,6 +26,11 @@ from .items import ImageItem, collect_items
 from .prepare import prepare_item, target_bucket
 
 logger = logging.getLogger(__name__)
+
+
+def check_cache_folders(items: list[ImageItem]) -> None:
+    for d in sorted({Path(i.config.cache_directory) for i in items}):
+        check_writable_folder(d, "cache_directory")
 
 
 def _plan(items, version, path_fn, meta_fn, skip_existing: bool):
@@ -57,8 +62,8 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
     from ..qwen_image.vae import encode, load_vae
 
     items = collect_items(load_dataset_config(args.dataset_config), version)
-    if not args.vae or not Path(args.vae).exists():
-        raise UserError(f"--vae: file not found: {args.vae}")
+    expect(args.vae, "--vae", "vae", version)
+    check_cache_folders(items)
     vae_id = model_id(args.vae)
     buckets = {id(it): target_bucket(it) for it in items}
     produced, todo, skipped, _ = _plan(
@@ -97,8 +102,8 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
     from ..qwen_image.text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
 
     items = collect_items(load_dataset_config(args.dataset_config), version)
-    if not args.text_encoder or not Path(args.text_encoder).exists():
-        raise UserError(f"--text_encoder: file not found: {args.text_encoder}")
+    expect(args.text_encoder, "--text_encoder", "text_encoder", version)
+    check_cache_folders(items)
     te_id = model_id(args.text_encoder)
     produced, todo, skipped, _ = _plan(items, version, lambda it: text_cache_path(it, version),
                                        lambda it: text_metadata(it, version, te_id), args.skip_existing)

@@ -104,6 +104,9 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
     unknown = set(data) - {"general", "datasets"}
     if unknown:
         raise UserError(f"{p}: unknown top-level table(s) {sorted(unknown)}; use [general] and [[datasets]]")
+    if not isinstance(data.get("general", {}), dict):
+        raise UserError(f"{p}: general must be a table ([general] with key = value lines), got "
+                        f"{type(data['general']).__name__}")
     general = _check_table(data.get("general", {}), f"{p}: [general]", general=True)
     entries = data.get("datasets")
     if not isinstance(entries, list) or not entries:
@@ -111,6 +114,8 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
     configs = []
     for i, entry in enumerate(entries):
         where = f"{p}: [[datasets]] #{i + 1}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: each dataset must be a [[datasets]] table, got {type(entry).__name__}")
         values = {**general, **_check_table(entry, where, general=False)}
         cfg = DatasetConfig(**values, index=i, source=str(p))
         _check_paths(cfg)

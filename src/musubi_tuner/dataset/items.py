@@ -8,15 +8,20 @@ JSONL: {"image_path": ..., "caption": ..., "control_path" | "control_path_0".., 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..fileio import read_text
 from ..qwen_image.versions import ModelVersion
 from .config import DatasetConfig
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 _INDEXED = re.compile(r"^(?P<base>.+)_(?P<idx>\d+)$")
@@ -31,16 +36,30 @@ class ImageItem:
     config: DatasetConfig | None = None
 
 
+def _to_8bit(im: Image.Image, path: Path) -> Image.Image:
+    """16-bit grayscale (PNG "I;16", TIFF "I") scaled to 8 bits; Pillow's own conversion clips it to white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "F":
+        raise UserError(f"cannot read image {path}: floating-point images are not supported; save it as an 8- or "
+                        "16-bit PNG")
+    return im
+
+
 def load_image(path: Path, mode: str) -> Image.Image:
-    """Open and fully decode an image; a corrupt or unreadable file is one clear error naming it."""
+    """Open and fully decode an image; a corrupt, unreadable or oversized file is one clear error naming it."""
     try:
         with Image.open(path) as im:
             im.load()
-            if mode == "RGB" and im.mode in ("RGBA", "LA", "P"):
+            im = _to_8bit(im, path)
+            if mode == "RGB" and im.mode in ("RGBA", "LA", "P", "PA"):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 return Image.alpha_composite(bg, im).convert("RGB")  # alpha dropped onto white
             return im.convert(mode)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image {path} is too large to decode safely ({e}); resize it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}; replace or remove the file") from None
 
@@ -49,31 +68,44 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
-def _controls_for(base: str, control_dir: Path | None, by_stem: dict[str, list[Path]] | None) -> list[Path]:
+def _claim_controls(stems: list[str], control_dir: Path | None, where: str) -> dict[str, list[Path]]:
+    """Control images of each item: `<base>.ext` first, then `<base>_<n>.ext` by n. Longer item names claim their
+    files first (as musubi-tuner does), so item `photo` never takes `photo_1.png` when `photo_1` is an item itself."""
     if control_dir is None:
-        return []
-    single = by_stem.get(base, [])
-    indexed = sorted(((int(m["idx"]), p) for stem, ps in by_stem.items() if (m := _INDEXED.match(stem))
-                      and m["base"] == base for p in ps))
-    return single[:1] + [p for _, p in indexed]
+        return {}
+    files = _images_in(control_dir)
+    claimed: dict[str, list[Path]] = {}
+    free = set(files)
+    for base in sorted(stems, key=len, reverse=True):
+        exact, indexed = [], []
+        for p in sorted(free):
+            if p.stem == base:
+                exact.append(p)
+            elif p.stem.startswith(base + "_") and p.stem[len(base) + 1:].isdigit():
+                indexed.append((int(p.stem[len(base) + 1:]), p))
+        mine = exact[:1] + [p for _, p in sorted(indexed)]
+        free.difference_update(exact + [p for _, p in indexed])
+        claimed[base] = mine
+    if free:
+        names = ", ".join(p.name for p in sorted(free)[:3])
+        logger.warning("%s: %d control image(s) in %s match no item (<base>.ext or <base>_<n>.ext) and are not used: "
+                       "%s%s", where, len(free), control_dir, names, "..." if len(free) > 3 else "")
+    return claimed
 
 
 def _read_caption(image: Path, cfg: DatasetConfig) -> str:
     cap = image.with_name(image.stem + cfg.caption_extension)
     if not cap.is_file():
         raise UserError(f"{cfg.where}: image {image} has no caption file {cap.name}; add it or set caption_extension")
-    return cap.read_text(encoding="utf-8").strip()
+    return read_text(cap, "caption file").strip()
 
 
 def _from_directory(cfg: DatasetConfig) -> list[ImageItem]:
     folder = Path(cfg.image_directory)
     images = _images_in(folder)
     control_dir = Path(cfg.control_directory) if cfg.control_directory else None
-    by_stem: dict[str, list[Path]] = {}
-    for p in _images_in(control_dir) if control_dir else []:
-        by_stem.setdefault(p.stem, []).append(p)
     stems = {p.stem for p in images}
-    items = []
+    targets_of = {}
     for img in images:
         m = _INDEXED.match(img.stem)
         if cfg.multiple_target and m and m["base"] in stems:
@@ -82,14 +114,16 @@ def _from_directory(cfg: DatasetConfig) -> list[ImageItem]:
         if cfg.multiple_target:
             layers = sorted((int(mm["idx"]), p) for p in images if (mm := _INDEXED.match(p.stem)) and mm["base"] == img.stem)
             targets += [p for _, p in layers]
-        items.append(ImageItem(img.stem, targets, _read_caption(img, cfg), _controls_for(img.stem, control_dir, by_stem), cfg))
-    return items
+        targets_of[img.stem] = targets
+    controls = _claim_controls(list(targets_of), control_dir, cfg.where)
+    return [ImageItem(stem, targets, _read_caption(targets[0], cfg), controls.get(stem, []), cfg)
+            for stem, targets in targets_of.items()]
 
 
 def _from_jsonl(cfg: DatasetConfig) -> list[ImageItem]:
     path = Path(cfg.image_jsonl_file)
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "image_jsonl_file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -103,8 +137,11 @@ def _from_jsonl(cfg: DatasetConfig) -> list[ImageItem]:
         if not targets:
             raise UserError(f"{where}: missing image_path (or image_path_0.. for multiple_target)")
         if "caption" not in rec or not isinstance(rec["caption"], str):
-            raise UserError(f"{where}: missing caption")
+            raise UserError(f"{where}: missing caption (a string)")
         controls = ([rec["control_path"]] if "control_path" in rec else []) + [rec[k] for k in _numbered(rec, "control_path_")]
+        for v in targets + controls:
+            if not isinstance(v, str) or not v:
+                raise UserError(f"{where}: image paths must be non-empty strings, got {v!r}")
         base = path.parent
         targets = [_resolve(base, t, where) for t in targets]
         controls = [_resolve(base, c, where) for c in controls]

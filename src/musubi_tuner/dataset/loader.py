@@ -139,6 +139,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset: CachedBatches, workers: int, persistent: bool) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     sampler = EpochSampler(dataset)
+    from ..training.interrupt import ignore_signals_in_worker
+
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers,
-                                         persistent_workers=persistent and workers > 0)
+                                         persistent_workers=persistent and workers > 0,
+                                         worker_init_fn=ignore_signals_in_worker if workers > 0 else None)
     return loader, sampler

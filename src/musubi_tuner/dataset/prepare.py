@@ -17,6 +17,8 @@ def image_size(path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image {path} is too large to decode safely ({e}); resize it") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}; replace or remove the file") from None
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..fileio import save_safetensors
-from ..qwen_image.weights import load_tensors, resolve_files
+from ..qwen_image.model_files import expect
+from ..qwen_image.weights import load_tensors
 
 KOHYA_PREFIX = "lora_unet_"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
@@ -76,15 +77,23 @@ def canonical_lora(state: dict[str, torch.Tensor], module_names: list[str] | Non
     for name, p in parts.items():
         if "down" not in p or "up" not in p:
             raise UserError(f"{source}: module {name} has only {sorted(p)} weights (needs down and up)")
-        alpha = p.get("alpha")
-        out[name] = LoraWeights(p["down"], p["up"], None if alpha is None else float(alpha))
+        down, up, alpha = p["down"], p["up"], p.get("alpha")
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise UserError(f"{source}: module {name} has mismatched LoRA shapes (down {tuple(down.shape)}, up "
+                            f"{tuple(up.shape)}): the file is damaged or was assembled from two LoRAs")
+        for kind, t in (("down", down), ("up", up), ("alpha", alpha)):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"{source}: module {name} has NaN or infinite {kind} weights; the LoRA is broken "
+                                "(training diverged?): use an earlier checkpoint")
+        out[name] = LoraWeights(down, up, None if alpha is None else float(alpha))
     if not out:
         raise UserError(f"{source}: no LoRA weights found (expected lora_unet_*.lora_down/up or *.lora_A/B keys)")
     return out
 
 
-def load_lora(path: str | Path, module_names: list[str] | None = None) -> dict[str, LoraWeights]:
-    files = resolve_files(path, "--lora_weight")
+def load_lora(path: str | Path, module_names: list[str] | None = None, option: str = "--lora_weight"
+              ) -> dict[str, LoraWeights]:
+    files = expect(path, option, "lora").files
     return canonical_lora(load_tensors(files, torch.float32), module_names, source=str(path))
 
 

@@ -18,6 +18,7 @@ import re
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .lora_files import KOHYA_PREFIX, LoraWeights, canonical_lora, linear_module_names, load_lora, save_lora
 
 logger = logging.getLogger(__name__)
@@ -153,12 +154,16 @@ class LoRANetwork(nn.Module):
 
     def load_weights(self, file: str) -> dict:
         by_module = {l.module_name: l for l in self.unet_loras}
-        lora = load_lora(file, list(by_module))
+        lora = load_lora(file, list(by_module), option="--network_weights")
         missing = set(by_module) - set(lora)
         for name, w in lora.items():
             if name not in by_module:
-                raise ValueError(f"{file}: module {name} is not a target of this network")
+                raise UserError(f"--network_weights {file}: module {name} is not a target of this network (other "
+                                "include/exclude patterns?)")
             m = by_module[name]
+            if m.lora_down.weight.shape != w.down.shape or m.lora_up.weight.shape != w.up.shape:
+                raise UserError(f"--network_weights {file}: module {name} has rank {w.rank} but this network has rank "
+                                f"{m.rank}; pass --network_dim {w.rank} or --dim_from_weights")
             m.lora_down.weight.data.copy_(w.down)
             m.lora_up.weight.data.copy_(w.up)
         return {"missing": sorted(missing)}
@@ -187,7 +192,7 @@ def create_network_from_weights(multiplier: float, file: str, vae, text_encoders
                                 weights_sd: dict | None = None, for_inference: bool = False, **kwargs) -> LoRANetwork:
     """A network whose modules, ranks and alphas are those of an existing LoRA file (to continue training it)."""
     names = linear_module_names(unet)
-    lora = canonical_lora(weights_sd, names) if weights_sd is not None else load_lora(file, names)
+    lora = canonical_lora(weights_sd, names) if weights_sd is not None else load_lora(file, names, "--network_weights")
     net = LoRANetwork(unet, 0, 0, multiplier, ranks={k: v.rank for k, v in lora.items()},
                       alphas={k: (v.alpha if v.alpha is not None else v.rank) for k, v in lora.items()})
     for l in net.unet_loras:

@@ -19,21 +19,10 @@ from diffusers import QwenImageTransformer2DModel
 
 from ..errors import UserError
 from .versions import ModelVersion
-from .weights import load_tensors, read_header, refuse_fp8, resolve_files
+from .model_files import ADDITIONAL_T_KEY, expect, strip_dit_prefix
+from .weights import load_tensors
 
 logger = logging.getLogger(__name__)
-
-COMFY_PREFIX = "model.diffusion_model."
-ZERO_COND_MARKER = "__index_timestep_zero__"  # ComfyUI Edit-2511 files carry this key
-ADDITIONAL_T_KEY = "time_text_embed.addition_t_embedding.weight"
-BF16_FILE_HINT = {
-    "original": "split_files/diffusion_models/qwen_image_bf16.safetensors (Comfy-Org/Qwen-Image_ComfyUI)",
-    "edit": "split_files/diffusion_models/qwen_image_edit_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
-    "edit-2509": "split_files/diffusion_models/qwen_image_edit_2509_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
-    "edit-2511": "split_files/diffusion_models/qwen_image_edit_2511_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
-    "layered": "split_files/diffusion_models/qwen_image_layered_bf16.safetensors (Comfy-Org/Qwen-Image-Layered_ComfyUI)",
-}
-
 
 def default_axes_dims_rope(head_dim: int) -> tuple[int, int, int]:
     """(16, 56, 56) for the real head_dim 128; the same 1/8 : 7/16 : 7/16 split for smaller heads."""
@@ -42,12 +31,6 @@ def default_axes_dims_rope(head_dim: int) -> tuple[int, int, int]:
     if t % 2 or hw % 2 or t + 2 * hw != head_dim:
         raise UserError(f"cannot infer rope axes for attention head_dim {head_dim}; put a config.json beside the DiT file")
     return (t, hw, hw)
-
-
-def strip_prefix(key: str) -> str | None:
-    if key == ZERO_COND_MARKER:
-        return None
-    return key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key
 
 
 def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -96,28 +79,15 @@ def load_dit(
     """fp8_mode ("tensor" = --fp8_base, "channel" / "block" = --fp8_scaled) quantises the Linear weights of the
     transformer blocks while they stream in (on compute_device), so the high-precision model never exists whole.
     check_config(config) runs once the config is known from the header, before any weight is read."""
-    files = resolve_files(path, option, subfolder="transformer")
-    raw_shapes, dtypes, _ = read_header(files)
-    shapes = {sk: v for k, v in raw_shapes.items() if (sk := strip_prefix(k)) is not None}
-    if "img_in.weight" not in shapes or not any(k.startswith("transformer_blocks.0.") for k in shapes):
-        raise UserError(
-            f"{option}: {files[0]} is not a Qwen-Image DiT (no img_in / transformer_blocks.* keys; is it a VAE or a "
-            f"text encoder?). Pass the diffusion model file, e.g. {BF16_FILE_HINT[version.name].split(' ')[0]}"
-        )
-    refuse_fp8(files, dtypes, option, BF16_FILE_HINT[version.name])
-
+    info = expect(path, option, "dit", version)
+    files, shapes = info.files, info.dit_shapes
     config = infer_dit_config(shapes)
     file_cfg = _find_config_json(files)
     if file_cfg:
         for k in ("axes_dims_rope", "guidance_embeds"):
             if k in file_cfg:
                 config[k] = tuple(file_cfg[k]) if k == "axes_dims_rope" else file_cfg[k]
-    if config["use_additional_t_cond"] != version.additional_t_cond:
-        if version.additional_t_cond:
-            raise UserError(f"{option}: {files[0]} has no {ADDITIONAL_T_KEY}; it is not a Qwen-Image-Layered DiT. "
-                            "Pass the layered DiT or another --model_version")
-        raise UserError(f"{option}: {files[0]} is a Qwen-Image-Layered DiT; pass --model_version layered")
-    if ZERO_COND_MARKER in raw_shapes and not version.zero_cond_t:
+    if info.zero_cond_marker and not version.zero_cond_t:
         logger.warning("%s carries the Edit-2511 marker key but --model_version is %s; did you mean edit-2511?",
                        files[0], version.name)
     config["zero_cond_t"] = version.zero_cond_t
@@ -138,7 +108,7 @@ def load_dit(
         q, s = quantize_weight(t.to(compute_device or device), fp8_mode)
         return {key: q.to(device), quantized[key] + ".scale_weight": s.to(device)}
 
-    state = load_tensors(files, dtype, device, key_map=strip_prefix, disable_mmap=disable_mmap,
+    state = load_tensors(files, dtype, device, key_map=strip_dit_prefix, disable_mmap=disable_mmap,
                          transform=quantize if fp8_mode else None)
     if fp8_mode:
         from ..memory.fp8 import make_fp8_linear

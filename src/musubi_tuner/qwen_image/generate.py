@@ -20,14 +20,15 @@ from PIL import Image
 from safetensors import safe_open
 
 from ..errors import UserError
-from ..fileio import save_image, save_safetensors
+from ..fileio import check_writable_folder, save_image, save_safetensors
 from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
 from ..networks.lora_files import linear_module_names, load_lora, merge_lora
 from . import edit as E
 from . import latents as L
 from .denoise import predict_velocity
-from .prompts import GenerationSpec, read_prompt_file
+from .model_files import expect
+from .prompts import GenerationSpec, check_spec, read_prompt_file
 from .sampler import cfg_combine, flow_sigmas, layered_sigmas, sample
 from .text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
 from .vae import decode, encode, load_vae
@@ -101,7 +102,7 @@ def encode_all(specs: list[GenerationSpec], args, version: ModelVersion, device,
     out = []
     for i, s in enumerate(specs):
         imgs = images[i] if images else []
-        out.append(Encoded(enc(s.prompt, imgs), enc(negative_of(s), imgs) if s.guidance_scale > 1 else None))
+        out.append(Encoded(enc(s.prompt, imgs), enc(negative_of(s), imgs) if s.guidance_scale != 1 else None))
     te = None  # release the text encoder before the DiT is loaded
     free_memory()
     return out
@@ -214,6 +215,7 @@ def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[Generat
         rcm_threshold=args.rcm_threshold, rcm_relative=args.rcm_relative_threshold,
         rcm_kernel_size=args.rcm_kernel_size, rcm_dilate_size=args.rcm_dilate_size,
     )
+    check_spec(defaults)
     if args.from_file:
         specs = read_prompt_file(args.from_file, defaults)
     elif args.prompt:
@@ -221,8 +223,6 @@ def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[Generat
     else:
         raise UserError("give --prompt TEXT or --from_file FILE (or --latent_path to decode saved latents)")
     for s in specs:
-        if s.steps < 1:
-            raise UserError(f"--infer_steps must be >= 1, got {s.steps}")
         if not (version.is_edit or version.is_layered):
             if s.control_images:
                 raise UserError(f"--control_image_path needs an edit or layered --model_version (got {version.name})")
@@ -279,15 +279,19 @@ def encode_controls(vae, jobs: list[Job], version: ModelVersion) -> None:
         job.first_control = L.pack(lats[0])
 
 
-def check_models(args, needs_vae: bool) -> None:
+def check_models(args, version: ModelVersion, needs_vae: bool) -> None:
+    """Every model file is the right kind for its option (read from the headers), before any model loads."""
+    from .model_files import expect
+
     for n in ("dit", "text_encoder") + (("vae",) if needs_vae else ()):
         if not getattr(args, n):
             raise UserError(f"missing required option --{n}")
-        if not Path(getattr(args, n)).exists():
-            raise UserError(f"--{n}: file not found: {getattr(args, n)}")
+    expect(args.dit, "--dit", "dit", version)
+    expect(args.text_encoder, "--text_encoder", "text_encoder", version)
+    if needs_vae:
+        expect(args.vae, "--vae", "vae", version)
     for lw in args.lora_weight or []:
-        if not Path(lw).exists():
-            raise UserError(f"--lora_weight: file not found: {lw}")
+        expect(lw, "--lora_weight", "lora", version)
     if args.lora_weight and len(args.lora_multiplier or [1.0]) not in (1, len(args.lora_weight)):
         raise UserError(f"--lora_multiplier: give one value or one per --lora_weight ({len(args.lora_weight)})")
 
@@ -297,9 +301,11 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     vae_dtype = torch.float32 if device.type == "cpu" else dtype
     save_path = Path(args.save_path)
 
+    check_writable_folder(save_path, "--save_path")
     if args.latent_path:
         if not args.vae:
             raise UserError("--latent_path needs --vae to decode")
+        expect(args.vae, "--vae", "vae", version)
         latents = load_latent_files(args.latent_path)
         vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
         items = [(lat, save_path / Path(p).stem.removesuffix("_latent")) for (lat, _), p in zip(latents, args.latent_path)]
@@ -311,7 +317,7 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     jobs = resolve_controls(specs, args, version)
     has_controls = any(j.prepared for j in jobs)
     decode_images = args.output_type in ("images", "latent_images")
-    check_models(args, decode_images or has_controls)
+    check_models(args, version, decode_images or has_controls)
 
     encoded = encode_all(specs, args, version, device, dtype, [j.controls for j in jobs] if has_controls else None)
     for job, enc in zip(jobs, encoded):

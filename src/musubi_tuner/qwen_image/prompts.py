@@ -76,15 +76,71 @@ def parse_prompt_line(line: str, defaults: GenerationSpec, where: str = "prompt 
     return spec
 
 
+LINE_NAMES = {"height": "--h", "width": "--w", "steps": "--s", "guidance_scale": "--g", "flow_shift": "--fs",
+              "seed": "--d", "output_layers": "--f", "rcm_threshold": "--rcm_th", "rcm_kernel_size": "--rcm_ks",
+              "rcm_dilate_size": "--rcm_ds", "control_images": "--ci"}
+CLI_NAMES = {"height": "--image_size", "width": "--image_size", "steps": "--infer_steps",
+             "guidance_scale": "--guidance_scale", "flow_shift": "--flow_shift", "seed": "--seed",
+             "output_layers": "--output_layers", "rcm_threshold": "--rcm_threshold",
+             "rcm_kernel_size": "--rcm_kernel_size", "rcm_dilate_size": "--rcm_dilate_size",
+             "control_images": "--control_image_path"}
+MAX_SEED = 2**64 - 1
+
+
+def check_spec(spec: GenerationSpec, where: str = "", names: dict[str, str] = CLI_NAMES) -> None:
+    """Value ranges of one generation, checked before any model loads; `names` are the option spellings of where
+    the values came from (the command line or a prompt-file line)."""
+    import math
+
+    prefix = f"{where}: " if where else ""
+
+    def bad(attr: str, value, rule: str):
+        raise UserError(f"{prefix}{names[attr]} {value} {rule}")
+
+    h, w = spec.height, spec.width
+    if any(v is not None and (v <= 0 or v % 16) for v in (h, w)):
+        def fix(v):
+            return max(16, round(v / 16) * 16)
+
+        if names["height"] == names["width"]:  # --image_size H W
+            raise UserError(f"{prefix}{names['height']} {h} {w}: height and width must be positive multiples of 16; "
+                            f"try {fix(h)} {fix(w)}")
+        attr = "height" if h is not None and (h <= 0 or h % 16) else "width"
+        v = getattr(spec, attr)
+        bad(attr, v, f"must be a positive multiple of 16 (try {fix(v)})")
+    if spec.steps < 1:
+        bad("steps", spec.steps, "must be at least 1")
+    if not math.isfinite(spec.guidance_scale) or spec.guidance_scale < 0:
+        bad("guidance_scale", spec.guidance_scale, "must be >= 0 (1 disables CFG)")
+    if spec.flow_shift is not None and not (math.isfinite(spec.flow_shift) and spec.flow_shift > 0):
+        bad("flow_shift", spec.flow_shift, "must be > 0 (leave it out for the dynamic shift by image size)")
+    if spec.seed is not None and not 0 <= spec.seed <= MAX_SEED:
+        bad("seed", spec.seed, f"must be between 0 and {MAX_SEED}")
+    if spec.output_layers is not None and spec.output_layers < 1:
+        bad("output_layers", spec.output_layers, "must be at least 1")
+    if spec.rcm_threshold is not None and not (math.isfinite(spec.rcm_threshold) and spec.rcm_threshold >= 0):
+        bad("rcm_threshold", spec.rcm_threshold, "must be >= 0")
+    if spec.rcm_kernel_size < 0:
+        bad("rcm_kernel_size", spec.rcm_kernel_size, "must be >= 0")
+    if spec.rcm_dilate_size < 0:
+        bad("rcm_dilate_size", spec.rcm_dilate_size, "must be >= 0")
+    for c in spec.control_images:
+        if not Path(c).is_file():
+            bad("control_images", c, "is not a file")
+
+
 def read_prompt_file(path: str | Path, defaults: GenerationSpec) -> list[GenerationSpec]:
-    """One prompt per non-empty line; lines starting with # are comments."""
+    """One prompt per non-empty line; lines starting with # are comments. Every line's values are checked."""
+    from ..fileio import read_text
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompt file not found: {p}")
     specs = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(p, "prompt file").splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             specs.append(parse_prompt_line(line, defaults, where=f"{p}:{i}"))
+            check_spec(specs[-1], f"{p}:{i}", LINE_NAMES)
     if not specs:
         raise UserError(f"{p}: no prompts (one prompt per line)")
     return specs

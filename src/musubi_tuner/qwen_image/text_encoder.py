@@ -14,12 +14,12 @@ from accelerate import init_empty_weights
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ..errors import UserError
-from .weights import load_tensors, read_header, refuse_fp8, resolve_files
+from .model_files import expect
+from .weights import load_tensors
 
 logger = logging.getLogger(__name__)
 
 HUB_TOKENIZER = ("Qwen/Qwen-Image", "tokenizer")
-TE_FILE_HINT = "split_files/text_encoders/qwen_2.5_vl_7b.safetensors (Comfy-Org/Qwen-Image_ComfyUI)"
 
 _EDIT_SYSTEM = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
@@ -102,15 +102,10 @@ def load_text_encoder(
     device: str | torch.device = "cpu",
     option: str = "--text_encoder",
 ) -> Qwen2_5_VLForConditionalGeneration:
-    p = Path(path)
-    files = resolve_files(p, option, subfolder="text_encoder")
+    info = expect(path, option, "text_encoder")
+    files = info.files
     cfg_dir = files[0].parent
-    raw_shapes, dtypes, _ = read_header(files)
-    shapes = {nk: v for k, v in raw_shapes.items() if (nk := _comfy_key(k)) is not None}
-    if "model.language_model.embed_tokens.weight" not in shapes:
-        raise UserError(f"{option}: {files[0]} is not a Qwen2.5-VL text encoder (no model.embed_tokens / "
-                        f"model.language_model.embed_tokens key); pass {TE_FILE_HINT}")
-    refuse_fp8(files, dtypes, option, TE_FILE_HINT + " (use --fp8_vl to run it in fp8)")
+    shapes = {nk: v for k, v in info.shapes.items() if (nk := _comfy_key(k)) is not None}
     if (cfg_dir / "config.json").exists():
         config = Qwen2_5_VLConfig.from_pretrained(cfg_dir)
     else:

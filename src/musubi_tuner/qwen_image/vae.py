@@ -12,19 +12,10 @@ from diffusers import AutoencoderKLQwenImage
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from ..errors import UserError
-from .weights import load_tensors, read_header, resolve_files
+from .model_files import VAE_FILE_HINT, expect, is_wan_vae_layout
+from .weights import load_tensors
 
 logger = logging.getLogger(__name__)
-
-VAE_FILE_HINT = {
-    3: "split_files/vae/qwen_image_vae.safetensors (Comfy-Org/Qwen-Image_ComfyUI)",
-    4: "split_files/vae/qwen_image_layered_vae.safetensors (Comfy-Org/Qwen-Image-Layered_ComfyUI)",
-}
-
-
-def is_wan_layout(keys) -> bool:
-    """ComfyUI / original Wan files name the quant convs conv1 / conv2 and use encoder.downsamples.*."""
-    return "conv1.bias" in keys or any(k.startswith("encoder.downsamples.") for k in keys)
 
 
 def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -40,21 +31,15 @@ def load_vae(
     expected_channels: int | None = None,
     option: str = "--vae",
 ) -> AutoencoderKLQwenImage:
-    files = resolve_files(path, option, subfolder="vae")
-    raw_shapes, _, _ = read_header(files)
-    wan = is_wan_layout(raw_shapes)
-    if not wan and "encoder.conv_in.weight" not in raw_shapes:
-        raise UserError(f"{option}: {files[0]} is not a Qwen-Image VAE (no encoder.conv_in / conv1 keys; is it a DiT "
-                        f"or text encoder?). Pass {VAE_FILE_HINT[expected_channels or 3]}")
+    info = expect(path, option, "vae")
+    files, wan = info.files, is_wan_vae_layout(info.shapes)
+    if expected_channels is not None and info.vae_channels != expected_channels:
+        raise UserError(f"{option}: {files[0]} is {info.describe()} but this model version needs {expected_channels} "
+                        f"channels; pass {VAE_FILE_HINT[expected_channels]}")
     state = load_tensors(files, dtype, device)
     if wan:
         state = convert_wan_vae_to_diffusers(state)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    config = infer_vae_config(shapes)
-    if expected_channels is not None and config["input_channels"] != expected_channels:
-        kind = "RGBA (Qwen-Image-Layered)" if config["input_channels"] == 4 else "RGB"
-        raise UserError(f"{option}: {files[0]} is a {config['input_channels']}-channel {kind} VAE but this model version "
-                        f"needs {expected_channels} channels; pass {VAE_FILE_HINT[expected_channels]}")
+    config = infer_vae_config({k: tuple(v.shape) for k, v in state.items()})
     cfg_json = files[0].parent / "config.json"
     if cfg_json.exists():
         import json

@@ -54,6 +54,8 @@ def read_header(files: Iterable[Path]) -> tuple[dict[str, tuple[int, ...]], dict
     dtypes: dict[str, torch.dtype] = {}
     metadata: dict[str, str] = {}
     for f in files:
+        with open(f, "rb") as fh:
+            parse_header(fh, f)
         try:
             with safe_open(str(f), framework="pt") as sf:
                 metadata = metadata or (sf.metadata() or {})
@@ -79,13 +81,42 @@ def refuse_fp8(files: list[Path], dtypes: dict[str, torch.dtype], option: str, i
         )
 
 
+def parse_header(f, path: Path) -> tuple[dict, int]:
+    """(header dict, data start offset) of an open safetensors file; random bytes, a cut header or a truncated file
+    are one clear error naming the file."""
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    bad = f"{path} is not a valid safetensors file"
+    if len(raw) < 8:
+        raise UserError(f"{bad} (only {size} bytes); download or write it again")
+    n = struct.unpack("<Q", raw)[0]
+    if n > size - 8 or n > 100_000_000:
+        raise UserError(f"{bad} (header length {n} but the file has {size} bytes: cut off, or not safetensors); "
+                        "download or write it again")
+    try:
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        data_size = size - 8 - n
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            start, end = v["data_offsets"]
+            if end > data_size:
+                raise UserError(f"{path} is truncated (tensor {k} ends at byte {end} of {data_size}); download or "
+                                "write it again")
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{bad} (unreadable header: {type(e).__name__}); download or write it again") from None
+    return header, 8 + n
+
+
 def iter_file_tensors(path: Path):
     """Yield (key, tensor) from a safetensors file with plain reads, one tensor at a time, in file order: no memory
     map, so resident memory holds only the tensors the caller keeps."""
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        base = 8 + n
+        header, base = parse_header(f, path)
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])
         for key, info in entries:
@@ -123,6 +154,8 @@ def load_tensors(
             from safetensors.torch import load as load_bytes
 
             with open(f, "rb") as fh:
+                parse_header(fh, f)
+                fh.seek(0)
                 items = load_bytes(fh.read()).items()
         else:
             items = iter_file_tensors(f)

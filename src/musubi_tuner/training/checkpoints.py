@@ -1,11 +1,16 @@
-"""Checkpoint names, pruning of old ones, and the resumable training state (atomic folder writes, no pickle)."""
+"""The resumable training state: a folder written atomically (temporary folder, then rename), with no pickle.
+
+    trainable.safetensors   the trained weights (LoRA network or DiT)
+    optimizer.pt            the optimizer state (tensors and plain values; read with torch.load(weights_only=True))
+    rng.safetensors         RNG states at the step the state belongs to
+    train_state.json        counters, scheduler, and the settings that must match on resume
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..fileio import save_safetensors
+from ..fileio import save_safetensors, temp_folder
 
 STATE_FORMAT = "qwen_image_train_state/1"
 
@@ -25,36 +30,18 @@ class TrainState:
     batch: int = 0  # next batch of that epoch
 
 
-def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
-    if step is not None:
-        return f"{output_name}-step{step:08d}"
-    if epoch is not None:
-        return f"{output_name}-{epoch:06d}"
-    return output_name
-
-
-def prune(output_dir: Path, output_name: str, kind: str, keep_from: int) -> None:
-    """Delete epoch (kind='epoch') or step checkpoints (files and -state folders) numbered below keep_from."""
-    for p in output_dir.glob(f"{output_name}-*"):
-        stem = p.name.removesuffix(".safetensors").removesuffix("-state")
-        tail = stem[len(output_name) + 1:]
-        if kind == "step" and tail.startswith("step") and tail[4:].isdigit():
-            n = int(tail[4:])
-        elif kind == "epoch" and tail.isdigit():
-            n = int(tail)
-        else:
-            continue
-        if n < keep_from:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def write_state_meta(folder: Path, state: TrainState, scheduler, extra: dict | None = None) -> None:
-    """Counters, scheduler and RNG states (the part every state folder has)."""
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+def rng_states() -> dict[str, torch.Tensor]:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_safetensors(rng, folder / "rng.safetensors")
+    return rng
+
+
+def write_state_meta(folder: Path, state: TrainState, scheduler, extra: dict | None = None,
+                     rng: dict[str, torch.Tensor] | None = None) -> None:
+    """Counters, scheduler and RNG states (the part every state folder has)."""
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    save_safetensors(rng or rng_states(), folder / "rng.safetensors")
     (folder / "train_state.json").write_text(json.dumps(
         {"format": STATE_FORMAT, **asdict(state), "scheduler": sched, **(extra or {})}, indent=2))
 
@@ -66,15 +53,14 @@ def replace_folder(tmp: Path, folder: Path) -> None:
 
 
 def save_state(folder: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-               extra: dict | None = None) -> Path:
+               extra: dict | None = None, rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Everything needed to continue exactly: trainable weights, optimizer, scheduler, counters, RNG states."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_folder(folder)
     try:
         save_safetensors({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_state_meta(tmp, state, scheduler, extra)
+        write_state_meta(tmp, state, scheduler, extra, rng)
         replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,23 +68,65 @@ def save_state(folder: Path, state: TrainState, trainable: dict[str, torch.Tenso
     return folder
 
 
+def read_state_meta(folder: str | Path) -> dict:
+    """train_state.json of a state folder, checked: one clear error when it is not one of ours."""
+    folder = Path(folder)
+    meta_path = folder / "train_state.json"
+    if not folder.is_dir():
+        raise UserError(f"--resume: {folder} is not a folder (pass a …-state folder written with --save_state)")
+    if not meta_path.is_file():
+        raise UserError(f"--resume: {folder} is not a training state folder (no train_state.json)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        int(meta["global_step"]), int(meta["epoch"]), int(meta["batch"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"--resume: {meta_path} is damaged; resume from another state folder") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise UserError(f"--resume: {folder} was written by another version ({meta.get('format')})")
+    return meta
+
+
+def check_resume_settings(folder: str | Path, meta: dict, expected: dict) -> None:
+    """The settings recorded in the state must equal this run's (training mode, model version, optimizer,
+    network shape): otherwise one error saying which option to change."""
+    for key, value in expected.items():
+        saved = meta.get("settings", {}).get(key)
+        if saved is not None and saved != value:
+            raise UserError(f"--resume: {folder} was saved with {key} {saved!r} but this run has {value!r}; resume with "
+                            f"the same {key.split(' ')[0]}")
+
+
 def load_state(folder: str | Path, optimizer, scheduler, tensors: bool = True
                ) -> tuple[TrainState, dict[str, torch.Tensor] | None, dict]:
     """Counters, scheduler and RNG; with tensors also the trainable weights and the optimizer (sharded runs load
     those themselves)."""
     folder = Path(folder)
-    meta_path = folder / "train_state.json"
-    if not meta_path.is_file():
-        raise UserError(f"--resume: {folder} is not a training state folder (no train_state.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != STATE_FORMAT:
-        raise UserError(f"--resume: {folder} was written by another version ({meta.get('format')})")
+    meta = read_state_meta(folder)
     trainable = None
+
+    def read(name: str, fn):
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"--resume: {folder} lacks {name} (an incomplete copy?); resume from another state folder")
+        try:
+            return fn(path)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            "resume from another state folder") from None
+
     if tensors:
-        trainable = load_file(str(folder / "trainable.safetensors"))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        trainable = read("trainable.safetensors", lambda p: load_file(str(p)))
+        opt_state = read("optimizer.pt", lambda p: torch.load(p, weights_only=True))
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"--resume: the optimizer state in {folder} does not fit this run's optimizer "
+                            f"({str(e).splitlines()[0][:200]}); resume with the --optimizer_type, --optimizer_args "
+                            "and network options of the run that saved it") from None
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
-    rng = load_file(str(folder / "rng.safetensors"))
+    rng = read("rng.safetensors", lambda p: load_file(str(p)))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
@@ -106,3 +134,16 @@ def load_state(folder: str | Path, optimizer, scheduler, tensors: bool = True
             torch.cuda.set_rng_state_all(cuda)
     state = TrainState(meta["global_step"], meta["epoch"], meta["batch"])
     return state, trainable, meta
+
+
+def load_trainable(module: torch.nn.Module, weights: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Trainable weights of a state into the module; a different network (rank, targets) is one clear error."""
+    own = module.state_dict()
+    missing, unexpected = own.keys() - weights.keys(), weights.keys() - own.keys()
+    shapes = [k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected weights" if missing or unexpected else
+                  f"{shapes[0]} is {tuple(weights[shapes[0]].shape)} there but {tuple(own[shapes[0]].shape)} here")
+        raise UserError(f"--resume: {folder} holds other trainable weights than this run makes ({detail}); resume "
+                        "with the network options (--network_dim, --network_args) and model of the run that saved it")
+    module.load_state_dict(weights, strict=True)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from ..fileio import save_safetensors, save_safetensors_streaming
+from ..fileio import TMP_SUFFIX, save_safetensors, save_safetensors_streaming, temp_name_prefix, usual_permissions
 from .trainer import Mode
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class FusedBackwardStep:
 
 class FullMode(Mode):
     name = "full"
+    script = "qwen_image_train.py"
+    weights_on_interrupt = False  # the state's trainable.safetensors is the DiT itself (loads as --dit)
     fused: FusedBackwardStep | None = None
 
     def __init__(self):
@@ -115,7 +117,8 @@ class FullMode(Mode):
         logger.info("FSDP: %d blocks sharded over %d processes", len(transformer.transformer_blocks),
                     dist.get_world_size())
 
-    def save_sharded_state(self, folder: Path, state, optimizer, scheduler, is_main: bool) -> Path:
+    def save_sharded_state(self, folder: Path, state, optimizer, scheduler, is_main: bool, extra: dict | None = None,
+                           rng: dict | None = None) -> Path:
         """Sharded weights and optimizer state through torch.distributed.checkpoint (every rank writes its shard),
         plus the usual counters; written to a temporary folder and renamed once every rank is done."""
         import shutil
@@ -126,7 +129,7 @@ class FullMode(Mode):
         from .checkpoints import replace_folder, write_state_meta
 
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp")
+        tmp = folder.with_name(f"{temp_name_prefix(folder)}sharded{TMP_SUFFIX}")  # the same name on every rank
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -135,27 +138,30 @@ class FullMode(Mode):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         dist.barrier()
         if is_main:
-            write_state_meta(tmp, state, scheduler, {"sharded": True})
+            write_state_meta(tmp, state, scheduler, {**(extra or {}), "sharded": True}, rng)
+            usual_permissions(tmp, folder=True)
             replace_folder(tmp, folder)
         dist.barrier()
         return folder
 
     def load_sharded_state(self, folder: Path, optimizer) -> None:
+        """The sharded weights and optimizer state, read without unpickling anything but DCP's metadata classes
+        (training.safe_dcp)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from .safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
+
         if not (folder / "dcp").is_dir():
             raise UserError(f"--resume: {folder} holds no sharded (FSDP) state; resume it without --fsdp")
-        from torch.distributed.checkpoint import DefaultLoadPlanner
-
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
-        saved = dcp.FileSystemReader(str(folder / "dcp")).read_metadata().state_dict_metadata
+        saved = read_metadata(folder / "dcp").state_dict_metadata
         missing = [k for k in model_sd if f"model.{k}" not in saved]
         if missing:
             raise UserError(f"--resume: {folder} lacks model weights {missing[:3]} (another model or version?)")
         # partial: parameters that never received a gradient (the last block's text outputs) have no optimizer state
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"),
-                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=SafeReader(str(folder / "dcp")),
+                 planner=SafeLoadPlanner(allow_partial_load=True))
         set_state_dict(self.model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
     def attach_optimizer(self, optimizer, params) -> None:

@@ -50,6 +50,22 @@ def weights_hash(sd: dict[str, torch.Tensor]) -> str:
 
 class LoraMode(Mode):
     name = "lora"
+    script = "qwen_image_train_network.py"
+
+    def validate(self, args, version) -> None:
+        from ..qwen_image.model_files import expect
+
+        if args.network_dim < 1:
+            raise UserError(f"--network_dim {args.network_dim} must be at least 1")
+        if args.network_weights:
+            expect(args.network_weights, "--network_weights", "lora", version)
+        for bw in args.base_weights or []:
+            expect(bw, "--base_weights", "lora", version)
+        if args.base_weights_multiplier and len(args.base_weights_multiplier) not in (1, len(args.base_weights or [])):
+            raise UserError("--base_weights_multiplier: give one value or one per --base_weights")
+
+    def resume_settings(self, args) -> dict:
+        return {"--network_module": args.network_module}
 
     def __init__(self):
         self.network = None
@@ -64,7 +80,7 @@ class LoraMode(Mode):
         for i, bw in enumerate(args.base_weights or []):
             mults = args.base_weights_multiplier or [1.0]
             m = mults[i] if i < len(mults) else mults[-1]
-            merge_lora(transformer, load_lora(bw, names), m)
+            merge_lora(transformer, load_lora(bw, names, "--base_weights"), m)
             logger.info("merged base weights %s x %s", bw, m)
         module = import_network_module(args.network_module)
         net_kwargs = {k: str(v) for k, v in parse_kv(args.network_args, "--network_args").items()}

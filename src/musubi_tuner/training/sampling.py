@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..qwen_image.generate import decode_and_save, denoise, encode_all, encode_controls, resolve_controls
+from ..errors import UserError
+from ..qwen_image.generate import Job, decode_and_save, denoise, encode_all, encode_controls, resolve_controls
 from ..qwen_image.prompts import GenerationSpec, read_prompt_file
 from ..qwen_image.vae import load_vae
 from ..qwen_image.versions import ModelVersion
@@ -18,27 +19,38 @@ from ..qwen_image.versions import ModelVersion
 logger = logging.getLogger(__name__)
 
 
+def _generation_args(args, version: ModelVersion) -> argparse.Namespace:
+    return argparse.Namespace(
+        resize_control_to_official_size=version.is_edit, resize_control_to_image_size=False, mask_path=None,
+        image_size=None, tokenizer=args.tokenizer, text_encoder=args.text_encoder, text_encoder_cpu=False)
+
+
+def plan_samples(args, version: ModelVersion) -> list[Job]:
+    """Read and check --sample_prompts (every line's values and control images) before any model loads, so a bad
+    line is an error at the start, not at the first sampling step hours later."""
+    defaults = GenerationSpec(prompt="", height=None if (version.is_edit or version.is_layered) else 256,
+                              width=None if (version.is_edit or version.is_layered) else 256, steps=20,
+                              guidance_scale=4.0, seed=42)
+    specs = read_prompt_file(args.sample_prompts, defaults)
+    for s in specs:
+        if version.is_layered and not s.output_layers:
+            s.output_layers = 4
+        if s.height is None and not (version.is_edit or version.is_layered):
+            s.height, s.width = 256, 256
+        if s.control_images and not (version.is_edit or version.is_layered):
+            raise UserError(f"--sample_prompts {args.sample_prompts}: --ci needs an edit or layered --model_version")
+    return resolve_controls(specs, _generation_args(args, version), version)
+
+
 class TrainingSampler:
     """Prompts (and control images) are encoded once before training and the text encoder is released; images go
     to <output_dir>/sample/ and to the trackers."""
 
-    def __init__(self, args, version: ModelVersion, device: torch.device, dtype: torch.dtype):
-        defaults = GenerationSpec(prompt="", height=None if (version.is_edit or version.is_layered) else 256,
-                                  width=None if (version.is_edit or version.is_layered) else 256, steps=20,
-                                  guidance_scale=4.0, seed=42)
-        self.specs = read_prompt_file(args.sample_prompts, defaults)
-        self.args, self.version, self.device, self.dtype = args, version, device, dtype
-        gen_args = argparse.Namespace(
-            resize_control_to_official_size=version.is_edit, resize_control_to_image_size=False, mask_path=None,
-            image_size=None, tokenizer=args.tokenizer, text_encoder=args.text_encoder, text_encoder_cpu=False)
-        for s in self.specs:
-            if version.is_layered and not s.output_layers:
-                s.output_layers = 4
-            if s.height is None and not (version.is_edit or version.is_layered):
-                s.height, s.width = 256, 256
-        self.jobs = resolve_controls(self.specs, gen_args, version)
+    def __init__(self, args, version: ModelVersion, device: torch.device, dtype: torch.dtype, jobs: list[Job]):
+        self.args, self.version, self.device, self.dtype, self.jobs = args, version, device, dtype, jobs
+        self.specs = [j.spec for j in jobs]
         has_controls = any(j.prepared for j in self.jobs)
-        encoded = encode_all(self.specs, gen_args, version, device, dtype,
+        encoded = encode_all(self.specs, _generation_args(args, version), version, device, dtype,
                              [j.controls for j in self.jobs] if has_controls else None)
         for job, enc in zip(self.jobs, encoded):
             job.encoded = enc

@@ -2,16 +2,21 @@
 
 A `Mode` says what is trained (a LoRA network over the frozen DiT, or the DiT itself) and how it is saved; everything
 else (data, timesteps, loss, optimizer, schedule, accumulation, logging, sampling, saving, resuming) lives here once.
+
+Nothing is lost to a late error: every input is checked before any model loads, and after training has started any
+exception, SIGINT or SIGTERM saves an interrupted state at the last optimizer-step boundary (never inside an
+accumulation window), from which --resume continues exactly as if nothing had happened.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
+import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,16 +27,25 @@ from ..dataset.config import load_dataset_config
 from ..dataset.items import collect_items
 from ..dataset.loader import CachedBatches, check_caches, make_loader
 from ..errors import UserError
+from ..fileio import check_writable_folder
 from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
+from ..qwen_image.model_files import expect
 from ..qwen_image.versions import ModelVersion
-from .checkpoints import TrainState, checkpoint_name, load_state, prune, save_state
+from .checkpoints import (
+    TrainState, check_resume_settings, load_state, load_trainable, read_state_meta, rng_states, save_state,
+)
+from .interrupt import StopRequest
 from .loss import flow_matching_loss, sample_generators
 from .optim import build_optimizer, build_scheduler
+from .outputs import (
+    LossLog, RunLock, checkpoint_name, existing_outputs, keep_copy, loss_log_path, prune, remove_leftovers,
+)
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_FLAGS = {"xformers": "xformers", "flash_attn": "flash", "sage_attn": "sageattn"}  # -> --attn_mode names
+LOSS_COLUMNS = ["step", "epoch", "loss", "lr"]
 
 
 def attention_mode(args) -> tuple[str, str | None]:
@@ -50,6 +64,15 @@ class Mode:
     """What is trained. Subclasses: LoraMode (networks) and FullMode (finetuning)."""
 
     name = "base"
+    script = ""
+    weights_on_interrupt = True  # also write a weights file beside an interrupted state (cheap for a LoRA)
+
+    def validate(self, args, version: ModelVersion) -> None:
+        """Mode-specific checks that need no model."""
+
+    def resume_settings(self, args) -> dict:
+        """Settings a state records that must match when it is resumed."""
+        return {}
 
     def dit_dtype(self, args) -> torch.dtype:
         raise NotImplementedError
@@ -73,7 +96,8 @@ class Mode:
     fused = None  # set when the optimizer steps inside backward
     sharded = False  # FSDP: gradients are reduced by FSDP; saving and state are collective (every rank takes part)
 
-    def save_sharded_state(self, folder: Path, state, optimizer, scheduler, is_main: bool) -> Path:
+    def save_sharded_state(self, folder: Path, state, optimizer, scheduler, is_main: bool, extra: dict | None = None,
+                           rng: dict | None = None) -> Path:
         raise NotImplementedError
 
     def load_sharded_state(self, folder: Path, optimizer) -> None:
@@ -81,31 +105,126 @@ class Mode:
 
 
 def save_dtype(name: str | None) -> torch.dtype | None:
-    return {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+            "bf16": torch.bfloat16}[name]
 
 
-def validate(args, version: ModelVersion) -> list:
-    """All checks that need no model, before anything heavy is loaded."""
+def check_ranges(args) -> None:
+    """Numeric options that would fail or silently misbehave late."""
+    def need(ok: bool, option: str, rule: str):
+        if not ok:
+            raise UserError(f"--{option} {getattr(args, option)} {rule}")
+
+    need(args.learning_rate >= 0 and math.isfinite(args.learning_rate), "learning_rate", "must be >= 0")
+    need(args.max_train_steps >= 1, "max_train_steps", "must be at least 1")
+    need(args.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1")
+    need(args.discrete_flow_shift > 0, "discrete_flow_shift", "must be > 0")
+    need(args.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+    need(args.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+    need(args.blocks_to_swap >= 0, "blocks_to_swap", "must be >= 0")
+    need(0 <= args.min_timestep < args.max_timestep <= 1000, "min_timestep",
+         f"and --max_timestep {args.max_timestep} must satisfy 0 <= min < max <= 1000")
+    for option in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
+                   "save_last_n_steps", "sample_every_n_epochs", "sample_every_n_steps"):
+        if getattr(args, option) is not None:
+            need(getattr(args, option) >= 1, option, "must be at least 1")
+
+
+@dataclass
+class Checked:
+    """What validate() found: the cached items and the planned sample jobs."""
+
+    cached: list
+    sample_jobs: list | None
+
+
+def validate(args, version: ModelVersion, mode: Mode) -> Checked:
+    """All checks that need no model, before anything heavy is loaded: files by their headers, option ranges,
+    sample prompts, caches, the output folder."""
     opts.require(args, "dit", "vae", "text_encoder", "dataset_config", "output_dir")
-    for n in ("dit", "vae", "text_encoder"):
-        if not Path(getattr(args, n)).exists():
-            raise UserError(f"--{n}: file not found: {getattr(args, n)}")
+    expect(args.dit, "--dit", "dit", version)
+    expect(args.vae, "--vae", "vae", version)
+    expect(args.text_encoder, "--text_encoder", "text_encoder", version)
     if args.remove_first_image_from_target and not version.is_layered:
         raise UserError("--remove_first_image_from_target only applies to --model_version layered")
-    if args.gradient_accumulation_steps < 1:
-        raise UserError("--gradient_accumulation_steps must be >= 1")
+    check_ranges(args)
+    mode.validate(args, version)
     check_attention(*attention_mode(args))
     check_compile(args)
+    check_writable_folder(args.output_dir, "--output_dir")
+    jobs = None
+    if args.sample_prompts:
+        from .sampling import plan_samples
+
+        jobs = plan_samples(args, version)
     items = collect_items(load_dataset_config(args.dataset_config), version)
-    return check_caches(items, version, args.vae, args.text_encoder)
+    return Checked(check_caches(items, version, args.vae, args.text_encoder), jobs)
+
+
+def resume_check(args, mode: Mode, version: ModelVersion, total_steps: int) -> int | None:
+    """The step of --resume's state (None without --resume), checked against this run before any model loads."""
+    if not args.resume:
+        return None
+    meta = read_state_meta(args.resume)
+    check_resume_settings(args.resume, meta, {"training script": mode.script, "--model_version": version.name,
+                                              "--optimizer_type": args.optimizer_type, **mode.resume_settings(args)})
+    if bool(meta.get("sharded")) != bool(mode.sharded or getattr(args, "fsdp", False)):
+        raise UserError(f"--resume: {args.resume} is a {'sharded (FSDP)' if meta.get('sharded') else 'plain'} state; "
+                        f"resume it {'with' if meta.get('sharded') else 'without'} --fsdp")
+    step = int(meta["global_step"])
+    if step >= total_steps:
+        raise UserError(f"--resume: {args.resume} is at step {step}, but this run ends at step {total_steps}; raise "
+                        "--max_train_steps / --max_train_epochs to continue training it")
+    return step
+
+
+def prepare_output(args, resume_step: int | None) -> tuple[RunLock, LossLog]:
+    """Main process: lock the output name, clear leftovers of killed saves, refuse to overwrite another run's
+    results unless asked, start the loss log."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, args.output_name)
+    lock.acquire()
+    try:
+        remove_leftovers(out, args.output_name)
+        earlier = existing_outputs(out, args.output_name)
+        if earlier and resume_step is None:
+            if not args.overwrite:
+                shown = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+                raise UserError(f"--output_dir {out} already holds results of a run named {args.output_name!r} "
+                                f"({shown}); pass --overwrite to replace them, --resume <state folder> to continue "
+                                "that run, or choose another --output_name")
+            for p in earlier:
+                import shutil
+
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            logger.info("--overwrite: removed %d earlier result(s) of %s", len(earlier), args.output_name)
+        log = LossLog(loss_log_path(out, args.output_name), LOSS_COLUMNS)
+        log.start(resume_step)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, log
+
+
+@dataclass
+class Boundary:
+    """The training state at the last optimizer-step boundary: what an interrupted state records."""
+
+    state: TrainState
+    rng: dict
+
+
+class Stopped(Exception):
+    """Raised inside the loop when a stop was requested; handled at the loop's edge."""
 
 
 def run_training(args: argparse.Namespace, mode: Mode) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
     version = opts.version_from_args(args)
-    cached = validate(args, version)
+    checked = validate(args, version, mode)
     output_dir = Path(args.output_dir)
     logging_dir = Path(args.logging_dir) if args.logging_dir else output_dir / "logs"
     if not torch.distributed.is_initialized():  # a new run in the same process (library use) gets a fresh state
@@ -118,19 +237,6 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
         cpu=args.device == "cpu" or not torch.cuda.is_available(),
     )
-    set_seed(args.seed)
-    device = accelerator.device
-    dtype = mode.dit_dtype(args)
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-
-    sampler = None
-    if args.sample_prompts:
-        from .sampling import TrainingSampler
-
-        sampler = TrainingSampler(args, version, device, compute_dtype)
-
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.FSDP:  # an accelerate config with distributed_type: FSDP
         if mode.name != "full":
             raise UserError("FSDP shards full finetuning (qwen_image_train.py); train LoRAs with a MULTI_GPU config")
@@ -138,23 +244,47 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
     if args.blocks_to_swap and mode.name == "full" and not args.fused_backward_pass:
         raise UserError("--blocks_to_swap in full finetuning needs --fused_backward_pass (each block is updated "
                         "while it is on the device)")
-    transformer, _ = load_dit_with_options(args, version, dtype, device, training=True)
+    set_seed(args.seed)
+
+    dataset = CachedBatches(checked.cached, args.seed, accelerator.num_processes, accelerator.process_index)
+    ga = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(dataset) / ga)
+    total_steps = args.max_train_epochs * steps_per_epoch if args.max_train_epochs else args.max_train_steps
+    resume_step = resume_check(args, mode, version, total_steps)
+
+    lock = log = None
+    if accelerator.is_main_process:
+        lock, log = prepare_output(args, resume_step)
+    try:
+        return _train(args, mode, version, checked, accelerator, dataset, total_steps, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerator, dataset, total_steps: int,
+           loss_log: LossLog | None) -> dict:
+    device = accelerator.device
+    output_dir = Path(args.output_dir)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    sampler = None
+    if checked.sample_jobs:
+        from .sampling import TrainingSampler
+
+        sampler = TrainingSampler(args, version, device, compute_dtype, checked.sample_jobs)
+
+    transformer, _ = load_dit_with_options(args, version, mode.dit_dtype(args), device, training=True)
     set_attention(transformer, attention_mode(args)[0])
     groups = mode.setup(transformer, args)
     trainable = mode.trainable_module()
     params = [p for g in groups for p in g["params"]]
-
-    dataset = CachedBatches(cached, args.seed, accelerator.num_processes, accelerator.process_index)
     loader, epoch_sampler = make_loader(dataset, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
     ga = args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(dataset) / ga)
-    total_steps = args.max_train_epochs * steps_per_epoch if args.max_train_epochs else args.max_train_steps
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    num_epochs = math.ceil(total_steps / math.ceil(len(dataset) / ga))
 
     optimizer = build_optimizer(args.optimizer_type, groups, args.learning_rate, args.optimizer_args)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, total_steps, args.lr_warmup_steps,
                                 args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_min_lr_ratio)
-
     mode.attach_optimizer(optimizer, params)
     state = TrainState()
     if args.resume:
@@ -162,120 +292,190 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         if mode.sharded:
             mode.load_sharded_state(Path(args.resume), optimizer)
         else:
-            trainable.load_state_dict(weights, strict=True)
+            load_trainable(trainable, weights, args.resume)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, state.global_step,
                     state.epoch + 1, state.batch)
+    start_step = state.global_step
 
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(f"{args.log_prefix}{mode.name}", config=config)
-    loss_log = output_dir / "loss_log.csv"
-    if accelerator.is_main_process and not args.resume:
-        loss_log.unlink(missing_ok=True)  # a new run starts a new log; a resumed one appends
-    metadata = training_metadata(args, version, mode, cached)
+    metadata = training_metadata(args, version, mode, checked.cached, total_steps)
+    settings = {"training script": mode.script, "--model_version": version.name,
+                "--optimizer_type": args.optimizer_type, **mode.resume_settings(args)}
 
-    def write_state(folder: Path) -> Path:
+    def write_state(folder: Path, at: Boundary) -> Path:
+        extra = {"settings": settings}
         if mode.sharded:
-            return mode.save_sharded_state(folder, state, optimizer, scheduler, accelerator.is_main_process)
-        return save_state(folder, state, trainable.state_dict(), optimizer, scheduler)
+            return mode.save_sharded_state(folder, at.state, optimizer, scheduler, accelerator.is_main_process, extra,
+                                           at.rng)
+        return save_state(folder, at.state, trainable.state_dict(), optimizer, scheduler, extra, at.rng)
 
-    def save(tag_epoch: int | None = None, tag_step: int | None = None, final: bool = False) -> None:
-        if not accelerator.is_main_process and not mode.sharded:
-            return
-        name = checkpoint_name(args.output_name, None if final else tag_epoch, None if final else tag_step)
-        md = {**metadata, "ss_steps": str(state.global_step), "ss_epoch": str(state.epoch + (1 if final else 0))}
-        path = mode.save(output_dir / (name + mode.extension()), save_dtype(args.save_precision), md)
+    def epoch_number(s: TrainState) -> int:  # completed epochs at an epoch end, else the epoch in progress (1-based)
+        return s.epoch if s.batch == 0 else s.epoch + 1
+
+    def save(name: str, at: Boundary, with_state: bool, weights: bool = True) -> Path | None:
+        """Weights (main process; a collective under FSDP) and optionally the resumable state."""
+        path = output_dir / (name + mode.extension())
+        if weights and (accelerator.is_main_process or mode.sharded):
+            md = {**metadata, "ss_steps": str(at.state.global_step), "ss_epoch": str(epoch_number(at.state))}
+            mode.save(path, save_dtype(args.save_precision), md)
+            if accelerator.is_main_process:
+                logger.info("saved %s", path)
+        if with_state and (accelerator.is_main_process or mode.sharded):
+            write_state(output_dir / f"{name}-state", at)
+        return path
+
+    def boundary() -> Boundary:
+        return Boundary(replace(state), rng_states())
+
+    def sample(epoch: int) -> None:
         if accelerator.is_main_process:
-            logger.info("saved %s", path)
-        if args.save_state or (final and args.save_state_on_train_end):
-            write_state(output_dir / f"{name}-state")
-
-    if sampler and args.sample_at_first and accelerator.is_main_process and not args.resume:
-        sampler(transformer, 0, 0, accelerator)
+            sampler(transformer, epoch, state.global_step, accelerator)
+        bar.unpause()  # the progress bar's rate counts training only
 
     trainable.train()
     trace = Trace(accelerator.process_index)
     losses: list[float] = []
     bar = tqdm(total=total_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    start_batch = state.batch
+    last = boundary()
+    updating = False  # True while weights change (optimizer step, fused backward): no consistent state to save
+    stop = StopRequest()
     try:
-        for epoch in range(state.epoch, num_epochs):
-            if state.global_step >= total_steps:
-                break
-            state.epoch = epoch
-            epoch_sampler.epoch, epoch_sampler.start = epoch, start_batch
-            micro = epoch_sampler.start
-            for batch in loader:
-                is_last = micro == len(dataset) - 1
-                with accelerator.autocast():
-                    loss = flow_matching_loss(transformer, batch, version, args,
-                                              sample_generators(args.seed, batch["sample_keys"]), device, compute_dtype)
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss is {loss.item()} at step {state.global_step + 1} (epoch {epoch + 1}); "
-                                    "lower --learning_rate, use --mixed_precision bf16 or check the caches")
-                accelerator.backward(loss / ga)
-                trace.record(batch["items"])
-                micro += 1
-                state.batch = micro
-                losses.append(loss.item())
-                if micro % ga and not is_last:
-                    continue
-                if mode.fused is None:  # the fused backward pass has already stepped every parameter
-                    if not mode.sharded:  # FSDP has reduced the gradients already
-                        sync_gradients(accelerator, params)
-                    if args.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state.global_step += 1
-                step_loss = sum(losses[-ga:]) / len(losses[-ga:])
-                lr = scheduler.get_last_lr()[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}")
-                accelerator.log({"loss/current": step_loss, "lr": lr, "epoch": epoch + 1}, step=state.global_step)
-                if accelerator.is_main_process:
-                    append_loss(loss_log, state.global_step, epoch + 1, step_loss, lr)
-                after_optimizer_step(state.global_step)
-                if args.save_every_n_steps and state.global_step % args.save_every_n_steps == 0 \
-                        and state.global_step < total_steps:
-                    save(tag_step=state.global_step)
-                    if args.save_last_n_steps and accelerator.is_main_process:
-                        prune(output_dir, args.output_name, "step", state.global_step - args.save_last_n_steps + 1)
-                if sampler and args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0 \
-                        and accelerator.is_main_process:
-                    sampler(transformer, epoch + 1, state.global_step, accelerator)
+        with stop:
+            if sampler and args.sample_at_first and not args.resume:
+                sample(0)
+            start_batch = state.batch
+            for epoch in range(state.epoch, num_epochs):
                 if state.global_step >= total_steps:
                     break
-            state.batch, start_batch = 0, 0
-            if state.global_step >= total_steps and micro < len(dataset):
-                break
-            state.epoch = epoch + 1
-            if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and epoch + 1 < num_epochs:
-                save(tag_epoch=epoch + 1)
-                if args.save_last_n_epochs and accelerator.is_main_process:
-                    prune(output_dir, args.output_name, "epoch", epoch + 2 - args.save_last_n_epochs)
-            if sampler and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0 \
-                    and accelerator.is_main_process:
-                sampler(transformer, epoch + 1, state.global_step, accelerator)
-    except KeyboardInterrupt:
+                state.epoch = epoch
+                epoch_sampler.epoch, epoch_sampler.start = epoch, start_batch
+                micro = epoch_sampler.start
+                for batch in loader:
+                    is_last = micro == len(dataset) - 1
+                    with accelerator.autocast():
+                        loss = flow_matching_loss(transformer, batch, version, args,
+                                                  sample_generators(args.seed, batch["sample_keys"]), device,
+                                                  compute_dtype)
+                    if not torch.isfinite(loss):
+                        raise UserError(f"loss is {loss.item()} at step {state.global_step + 1} (epoch {epoch + 1}); "
+                                        "lower --learning_rate, use --mixed_precision bf16 or check the caches")
+                    updating = mode.fused is not None  # the fused backward pass steps parameters as it goes
+                    accelerator.backward(loss / ga)
+                    trace.record(batch["items"])
+                    micro += 1
+                    losses.append(loss.item())
+                    if micro % ga and not is_last:
+                        updating = False
+                        continue
+                    updating = True
+                    if mode.fused is None:  # the fused backward pass has already stepped every parameter
+                        if not mode.sharded:  # FSDP has reduced the gradients already
+                            sync_gradients(accelerator, params)
+                        if args.max_grad_norm:
+                            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    state.global_step += 1
+                    state.batch = micro
+                    updating = False
+                    last = boundary()
+                    step_loss = sum(losses[-ga:]) / len(losses[-ga:])
+                    lr = scheduler.get_last_lr()[0]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}")
+                    accelerator.log({"loss/current": step_loss, "lr": lr, "epoch": epoch + 1}, step=state.global_step)
+                    if loss_log is not None:
+                        loss_log.append({"step": state.global_step, "epoch": epoch + 1, "loss": f"{step_loss:.6f}",
+                                         "lr": f"{lr:.6g}"})
+                    after_optimizer_step(state.global_step)
+                    if args.save_every_n_steps and state.global_step % args.save_every_n_steps == 0 \
+                            and state.global_step < total_steps:
+                        save(checkpoint_name(args.output_name, step=state.global_step), last, args.save_state)
+                        if args.save_last_n_steps and accelerator.is_main_process:
+                            prune(output_dir, args.output_name, "step", state.global_step - args.save_last_n_steps + 1)
+                    if stop.agreed(accelerator.num_processes, device):
+                        raise Stopped
+                    if sampler and args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0:
+                        sample(epoch + 1)
+                    if state.global_step >= total_steps:
+                        break
+                start_batch = 0
+                if state.global_step >= total_steps and micro < len(dataset):
+                    break
+                state.epoch, state.batch = epoch + 1, 0
+                last = boundary()
+                if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and epoch + 1 < num_epochs:
+                    save(checkpoint_name(args.output_name, epoch=epoch + 1), last, args.save_state)
+                    if args.save_last_n_epochs and accelerator.is_main_process:
+                        prune(output_dir, args.output_name, "epoch", epoch + 2 - args.save_last_n_epochs)
+                if stop.agreed(accelerator.num_processes, device):
+                    raise Stopped
+                if sampler and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
+                    sample(epoch + 1)
+    except BaseException as e:  # noqa: BLE001 - every way out of the loop keeps the progress made
         bar.close()
-        if mode.sharded:  # collectives after an interrupt are not safe: the last periodic state is the resume point
-            print(f"interrupted at step {state.global_step}; resume from the last saved -state folder")
-        elif accelerator.is_main_process:
-            folder = write_state(output_dir / f"{args.output_name}-interrupted-state")
-            print(f"interrupted at step {state.global_step}: state saved to {folder}; continue with --resume {folder}")
-        accelerator.end_training()
-        raise SystemExit(130) from None
+        _stop_and_save(e, stop, args, mode, accelerator, last, updating, start_step, save)
+        raise AssertionError("unreachable")  # _stop_and_save always exits
     bar.close()
     trace.write(trainable)
-    save(final=True)
+    final_at = boundary()
+    with_state = args.save_state or args.save_state_on_train_end
+    final = save(args.output_name, final_at, with_state)
+    if accelerator.is_main_process and state.batch == 0 and state.epoch > 0:
+        # the run ended at an epoch's end: keep that epoch under its number too (hard links), so continuing to more
+        # epochs in this folder never replaces it
+        name = checkpoint_name(args.output_name, epoch=state.epoch)
+        keep_copy(final, output_dir / (name + mode.extension()))
+        if with_state:
+            keep_copy(output_dir / f"{args.output_name}-state", output_dir / f"{name}-state")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    final = output_dir / (args.output_name + mode.extension())
-    return {"final": final, "losses": losses, "steps": state.global_step, "loss_log": loss_log,
-            "logging_dir": logging_dir, "sample_dir": output_dir / "sample"}
+    return {"final": final, "losses": losses, "steps": state.global_step,
+            "loss_log": loss_log_path(output_dir, args.output_name), "logging_dir": Path(accelerator.logging_dir),
+            "sample_dir": output_dir / "sample"}
+
+
+def _stop_and_save(error: BaseException, stop: StopRequest, args, mode: Mode, accelerator, last: Boundary,
+                   updating: bool, start_step: int, save) -> None:
+    """Leave the loop with the progress kept: the state of the last finished step goes to
+    <output_name>-interrupted-state (plus a usable weights file), then one line says where it is; exits non-zero."""
+    stopped = isinstance(error, Stopped)
+    interrupted = stopped or isinstance(error, KeyboardInterrupt)
+    name = checkpoint_name(args.output_name, interrupted=True)
+    folder = Path(args.output_dir) / f"{name}-state"
+    if not stopped and not isinstance(error, (UserError, KeyboardInterrupt)):
+        logger.error("training failed at step %d", last.state.global_step + 1, exc_info=error)
+    saved, why_not = None, None
+    if last.state.global_step <= start_step:
+        why_not = "no step finished in this run"
+    elif updating:
+        why_not = "the weights were being updated when it stopped"
+    elif mode.sharded and not stopped:
+        why_not = "a sharded state can only be saved by all processes together"
+    if why_not is None:
+        try:
+            save(name, last, with_state=True, weights=mode.weights_on_interrupt)
+            saved = folder
+        except BaseException as e:  # noqa: BLE001 - the original error is what the user must see
+            why_not = f"saving it failed too ({type(e).__name__}: {e})"
+    step = last.state.global_step
+    if saved is not None:
+        where = (f"the state after step {step} is saved in {saved}; continue with --resume {saved}"
+                 + (f" (weights: {saved.parent / (name + mode.extension())})" if mode.weights_on_interrupt else ""))
+    else:
+        where = f"nothing was saved ({why_not}); resume from the last periodic -state folder, if any"
+    accelerator.end_training()
+    if interrupted:
+        if accelerator.is_main_process or saved is not None:
+            print(f"interrupted at step {step}: {where}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code() if stop.signum else 130) from None
+    if isinstance(error, UserError):
+        raise UserError(f"{error} ({where})") from None
+    print(f"error: training stopped by {type(error).__name__}: {error}; {where}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 class Trace:
@@ -314,16 +514,7 @@ def sync_gradients(accelerator, params: list[torch.Tensor]) -> None:
         p.grad /= accelerator.num_processes
 
 
-def append_loss(path: Path, step: int, epoch: int, loss: float, lr: float) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["step", "epoch", "loss", "lr"])
-        w.writerow([step, epoch, f"{loss:.6f}", f"{lr:.6g}"])
-
-
-def training_metadata(args, version: ModelVersion, mode: Mode, cached) -> dict[str, str]:
+def training_metadata(args, version: ModelVersion, mode: Mode, cached, total_steps: int) -> dict[str, str]:
     datasets = {}
     for c in cached:
         d = datasets.setdefault(str(c.dataset), {"images": 0, "num_repeats": c.num_repeats, "batch_size": c.batch_size})
@@ -337,6 +528,7 @@ def training_metadata(args, version: ModelVersion, mode: Mode, cached) -> dict[s
         "ss_optimizer": args.optimizer_type + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
         "ss_lr_scheduler": args.lr_scheduler, "ss_seed": str(args.seed), "ss_mixed_precision": args.mixed_precision,
         "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
-        "ss_max_train_steps": str(args.max_train_steps), "ss_max_train_epochs": str(args.max_train_epochs),
+        "ss_max_train_steps": str(total_steps), "ss_max_train_epochs": str(args.max_train_epochs),
+        "ss_remove_first_image_from_target": str(bool(args.remove_first_image_from_target)),
         **getattr(mode, "metadata", {}),
     }
