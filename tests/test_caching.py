@@ -28,7 +28,7 @@ def run_both(models, toml, *extra, version="original"):
 
 def direct_text(models, caption, template, images=None):
     te = load_text_encoder(models["text_encoder"], torch.float32)
-    proc = load_processor(load_tokenizer(None, str(models["text_encoder"])))
+    proc = load_processor(load_tokenizer(None, str(models["text_encoder"])), None, str(models["text_encoder"]))
     return encode_prompts(te, proc, [caption], template, "cpu", [images] if images else None)[0]
 
 
@@ -41,19 +41,21 @@ def test_original_end_to_end(tmp_path, tiny_models, monkeypatch):
     lat, te = run_both(tiny_models, toml, "--batch_size", "2")
     assert lat["cached"] == 3 and te["cached"] == 3
     files = sorted(p.name for p in cache.iterdir())
-    assert files == sorted([f"img00{i}_0080x0048_qi.safetensors" for i in range(3)] +
+    assert files == sorted([f"img00{i}_0096x0064_qi.safetensors" for i in range(3)] +  # original size, as musubi
                            [f"img00{i}_qi_te.safetensors" for i in range(3)])
     # latents equal a direct encode of the prepared pixels
     item = collect_items(load_dataset_config(toml), VERSIONS["original"])[1]
     vae = vae_mod.load_vae(tiny_models["vae"], torch.float32)
     want = vae_mod.encode(vae, prepare_item(item, VERSIONS["original"]).targets.unsqueeze(0)[:, :, 0])[0]
-    got = load_file(str(cache / "img001_0080x0048_qi.safetensors"))["latents"]
+    got = load_file(str(cache / "img001_0096x0064_qi.safetensors"))["latents_1x6x10_float32"]  # musubi's keys
     assert got.shape == (16, 1, 6, 10) and torch.allclose(got, want, atol=1e-5)
     # embeddings equal a direct encode with the T2I template
-    emb = load_file(str(cache / "img001_qi_te.safetensors"))["embed"]
+    emb = load_file(str(cache / "img001_qi_te.safetensors"))["varlen_vl_embed_float32"]
     assert torch.allclose(emb, direct_text(tiny_models, item.caption, "t2i"), atol=1e-5)
     with safe_open(str(cache / "img001_qi_te.safetensors"), "pt") as f:
-        assert f.metadata()["model_version"] == "original" and f.metadata()["template"] == "t2i"
+        md = f.metadata()
+        assert md["model_version"] == "original" and md["template"] == "t2i"
+        assert md["architecture"] == "qwen_image" and md["caption1"] == item.caption and md["format_version"] == "1.0.1"
 
     # second run with --skip_existing: no model is even loaded
     def boom(*a, **k):
@@ -65,12 +67,12 @@ def test_original_end_to_end(tmp_path, tiny_models, monkeypatch):
     real_load_te = te_mod.load_text_encoder
     monkeypatch.setattr(te_mod, "load_text_encoder", boom)
     lat, te = run_both(tiny_models, toml, "--skip_existing")
-    assert lat == {"cached": 0, "skipped": 3, "removed": 0} and te["skipped"] == 3
+    assert lat == {"cached": 0, "skipped": 3, "foreign": 0, "removed": 0} and te["skipped"] == 3
     monkeypatch.setattr(te_mod, "load_text_encoder", real_load_te)
     monkeypatch.undo()
 
     # a changed image and a changed caption are re-cached; a removed item's caches are removed
-    before = load_file(str(cache / "img000_0080x0048_qi.safetensors"))["latents"]
+    before = load_file(str(cache / "img000_0096x0064_qi.safetensors"))["latents_1x6x10_float32"]
     write_shapes_dataset(tmp_path / "other", n=1, size=(96, 64), seed=9, colours=["blue"])
     (tmp_path / "other" / "img000.png").replace(img / "img000.png")
     (img / "img002.txt").write_text("a completely different caption")
@@ -78,7 +80,7 @@ def test_original_end_to_end(tmp_path, tiny_models, monkeypatch):
     (img / "img001.txt").unlink()
     lat, te = run_both(tiny_models, toml, "--skip_existing")
     assert lat["cached"] == 1 and te["cached"] == 1 and lat["removed"] == 1 and te["removed"] == 1
-    assert not torch.equal(before, load_file(str(cache / "img000_0080x0048_qi.safetensors"))["latents"])
+    assert not torch.equal(before, load_file(str(cache / "img000_0096x0064_qi.safetensors"))["latents_1x6x10_float32"])
     assert not (cache / "img001_qi_te.safetensors").exists()
 
 
@@ -101,12 +103,13 @@ def test_edit_2509_two_controls_of_different_sizes(tmp_path):
     lat, te = run_both(models, toml, version="edit-2509")
     assert lat["cached"] == 2 and te["cached"] == 2
     sd = load_file(str(img / "img000_0064x0064_qie.safetensors"))
-    assert sd["latents"].shape == (16, 1, 8, 8)
-    assert sd["control_0"].shape == (16, 1, 8, 8) and sd["control_1"].shape[-1] != 8  # 48x64 -> other aspect
+    assert sd["latents_1x8x8_float32"].shape == (16, 1, 8, 8)
+    assert sd["latents_control_0_1x8x8_float32"].shape == (16, 1, 8, 8)
+    assert [k for k in sd if k.startswith("latents_control_1_")] != ["latents_control_1_1x8x8_float32"]  # 48x64
     item = collect_items(load_dataset_config(toml), VERSIONS["edit-2509"])[0]
     prep = prepare_item(item, VERSIONS["edit-2509"], with_targets=False)
     assert prep.control_images[0].size != prep.control_images[1].size
-    emb = load_file(str(img / "img000_qie_te.safetensors"))["embed"]
+    emb = load_file(str(img / "img000_qie_te.safetensors"))["varlen_vl_embed_float32"]
     want = direct_text(models, item.caption, "edit_plus", prep.control_images)
     assert emb.shape == want.shape and torch.allclose(emb, want, atol=1e-5)
     plain = direct_text(models, item.caption, "t2i")
@@ -120,7 +123,7 @@ def test_layered_composite_and_three_layers(tmp_path):
     toml.write_text(f'[[datasets]]\nimage_directory = "{img}"\nresolution = 64\nmultiple_target = true\n')
     lat, te = run_both(models, toml, version="layered")
     assert lat["cached"] == 2
-    got = load_file(str(img / "img000_0064x0064_qil.safetensors"))["latents"]
+    got = load_file(str(img / "img000_0064x0064_qil.safetensors"))["latents_4x8x8_float32"]
     assert got.shape == (16, 4, 8, 8)
     item = collect_items(load_dataset_config(toml), VERSIONS["layered"])[0]
     prep = prepare_item(item, VERSIONS["layered"])

@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from test_generate import QWEN_IMAGE_SCHEDULER
 
 from musubi_tuner.qwen_image import tiny
-from musubi_tuner.qwen_image.text_encoder import VLProcessor
 from musubi_tuner.qwen_image.tiny import write_tiny_models
 from musubi_tuner.qwen_image.versions import VERSIONS
 from musubi_tuner.qwen_image_generate_image import main as generate_main
@@ -45,12 +44,17 @@ def model_sets(tmp_path_factory):
     return {v: write_tiny_models(root / v, VERSIONS[v]) for v in PIPELINES}
 
 
-def reference(version):
+def reference(version, models):
+    """The diffusers pipeline with transformers' own Qwen2VLProcessor, loaded from the model folder (whose image
+    processor settings are not the defaults): nothing of ours in the reference."""
+    from transformers import AutoProcessor
+
     tok = tiny.tiny_tokenizer()
     v = VERSIONS[version]
     kw = dict(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=tiny.tiny_vae(v.vae_channels),
               text_encoder=tiny.tiny_text_encoder(tok), tokenizer=tok, transformer=tiny.tiny_dit(v))
-    kw["processor"] = VLProcessor(tok)
+    kw["processor"] = AutoProcessor.from_pretrained(models["tokenizer"])
+    assert kw["processor"].image_processor.size["longest_edge"] == tiny.TINY_IMAGE_PROCESSOR["size"]["longest_edge"]
     return PIPELINES[version](**kw)
 
 
@@ -83,7 +87,7 @@ def as_float(path):
 def test_edit_parity_with_diffusers(tmp_path, model_sets, version, sizes):
     imgs = [picture(tmp_path / f"c{i}.png", s, (200, 40 * i, 40)) for i, s in enumerate(sizes)]
     h, w, steps, seed = 64, 96, 4, 11
-    pipe = reference(version)
+    pipe = reference(version, model_sets[version])
     ref = pipe(image=imgs[0] if version == "edit" else imgs, prompt="make it blue", negative_prompt="ugly",
                true_cfg_scale=3.0, height=h, width=w, num_inference_steps=steps,
                generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
@@ -97,10 +101,36 @@ def test_edit_parity_with_diffusers(tmp_path, model_sets, version, sizes):
     assert diff < 0.01
 
 
+@pytest.mark.parametrize("version,sizes", [("edit", [(128, 96)]), ("edit-2511", [(64, 64), (96, 32)])])
+def test_edit_prompt_embeddings_equal_the_pipeline_with_transformers_processor(tmp_path, model_sets, version, sizes):
+    """The text encoding of an edit prompt with its images equals the pipeline's own encode_prompt, whose processor is
+    transformers' Qwen2VLProcessor loaded from the model folder (image processor settings that are not the
+    defaults): ours must read the same settings from the folder (processor_config.json, nested image_processor)."""
+    from musubi_tuner.qwen_image.text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
+
+    models = model_sets[version]
+    # sizes already at the VL area in multiples of 32, so neither side resizes before the processor
+    imgs = [picture(tmp_path / f"c{i}.png", s, (200, 60 * i, 40)) for i, s in enumerate(sizes)]
+    pipe = reference(version, models)
+    ref, ref_mask = pipe.encode_prompt("make it blue", image=imgs[0] if version == "edit" else imgs, device="cpu")
+    te = load_text_encoder(models["text_encoder"], torch.float32)
+    proc = load_processor(load_tokenizer(None, str(models["text_encoder"])), None, str(models["text_encoder"]))
+    monkey_area = {"edit": 128 * 96, "edit_plus": 64 * 64}
+    from musubi_tuner.qwen_image import text_encoder as te_mod
+
+    te_mod.VL_AREA.update(monkey_area)
+    ours_emb = encode_prompts(te, proc, ["make it blue"], VERSIONS[version].template, "cpu", [imgs])[0]
+    n = ref.shape[1] if ref_mask is None else int(ref_mask[0].sum())
+    assert ours_emb.shape == (n, ref.shape[-1])
+    err = (ours_emb - ref[0, :n].detach()).abs().max().item()
+    print(f"{version}: max |diff| of the prompt embeddings = {err:.2e}")
+    assert err < 1e-4
+
+
 def test_layered_parity_with_diffusers(tmp_path, model_sets):
     src = picture(tmp_path / "rgba.png", (80, 64), (200, 30, 30, 255), rgba=True)
     layers, steps, seed = 3, 4, 5
-    pipe = reference("layered")
+    pipe = reference("layered", model_sets["layered"])
     ref = pipe(image=src, prompt="a red ball", negative_prompt=" ", true_cfg_scale=2.5, layers=layers,
                num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
                resolution=640).images[0]
@@ -171,7 +201,7 @@ def test_rcm_thresholds_and_debug_masks(tmp_path, model_sets):
     (["--resize_control_to_official_size", "--resize_control_to_image_size"], "mutually exclusive"),
     (["--rcm_threshold", "0.1", "--mask_path", "{mask}"], "cannot be used together"),
     (["--rcm_threshold", "0.1", "--image_size", "64", "96"], "first control image at the output size"),
-    (["--mask_path", "{tmp}/nope.png"], "--mask_path: file not found"),
+    (["--mask_path", "{tmp}/nope.png"], "nope.png is not a file"),
 ])
 def test_bad_edit_input(tmp_path, capsys, model_sets, extra, message):
     picture(tmp_path / "c.png", (64, 64), (1, 2, 3))

@@ -336,16 +336,21 @@ def test_compile_options_reach_torch_compile(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
     m = tiny_dit()
     compile_blocks(m.transformer_blocks, argparse.Namespace(
-        compile_backend="aot_eager", compile_mode="max-autotune-no-cudagraphs", compile_dynamic=True,
+        compile_backend="aot_eager", compile_mode="max-autotune-no-cudagraphs", compile_dynamic="true",
         compile_fullgraph=True, compile_cache_size_limit=17))
     assert [fn.__self__ for fn, _ in calls] == list(m.transformer_blocks)
     assert all(kw == dict(backend="aot_eager", mode="max-autotune-no-cudagraphs", dynamic=True, fullgraph=True)
                for _, kw in calls)
     assert torch._dynamo.config.cache_size_limit == 17
     compile_blocks(m.transformer_blocks, argparse.Namespace(
-        compile_backend="inductor", compile_mode="default", compile_dynamic=False, compile_fullgraph=False,
+        compile_backend="inductor", compile_mode="default", compile_dynamic=None, compile_fullgraph=False,
         compile_cache_size_limit=None))
     assert calls[-1][1] == dict(backend="inductor", mode=None, dynamic=None, fullgraph=False)
+    for value, dynamic in (("false", False), ("auto", None)):  # musubi-tuner's --compile_dynamic true|false|auto
+        compile_blocks(m.transformer_blocks, argparse.Namespace(
+            compile_backend="inductor", compile_mode=None, compile_dynamic=value, compile_fullgraph=False,
+            compile_cache_size_limit=None))
+        assert calls[-1][1]["dynamic"] is dynamic
 
 
 def test_compile_trains_like_eager_with_memory_options(tmp_path):

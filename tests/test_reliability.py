@@ -74,7 +74,7 @@ def assert_same_lora(a: Path, b: Path, atol=1e-6):
 @pytest.mark.parametrize("line,words", [("a cat --w 60", ["--w 60", "multiple of 16", "try 64"]),
                                         ("a cat --s 0", ["--s 0", "at least 1"]),
                                         ("a cat --fs -1", ["--fs -1", "> 0"]),
-                                        ("a cat --g -2", ["--g -2", ">= 0"])])
+                                        ("a cat --l -2", ["--l -2", ">= 0"])])
 def test_bad_sample_prompt_line_is_an_error_before_loading(tmp_path, capsys, monkeypatch, data, line, words):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"fine line --w 64 --h 64\n{line}\n")

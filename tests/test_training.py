@@ -9,6 +9,7 @@ from conftest import make_cached_dataset, train_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from musubi_tuner.dataset.cache import read_latent_cache
 from musubi_tuner.qwen_image import denoise
 from musubi_tuner.qwen_image.dit import load_dit
 from musubi_tuner.qwen_image.versions import VERSIONS
@@ -82,7 +83,7 @@ def test_learning_moves_generation_toward_training_images(tmp_path):
     print(f"fixed-sample training loss: base {eval_before:.4f} -> with LoRA {eval_after:.4f}")
     assert eval_after < 0.8 * eval_before
     caption = (tmp_path / "data" / "img000.txt").read_text()
-    train_lat = torch.stack([load_file(str(p))["latents"] for p in (tmp_path / "cache").glob("*_qi.safetensors")])
+    train_lat = torch.stack([read_latent_cache(p)[0] for p in (tmp_path / "cache").glob("*_qi.safetensors")])
     target = train_lat.mean(0)
     common = ["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder", str(models["text_encoder"]),
               "--prompt", caption, "--image_size", "64", "64", "--infer_steps", "20", "--guidance_scale", "1.0",
@@ -134,8 +135,8 @@ def test_saved_lora_loads_in_diffusers_with_same_output(tmp_path):
     with safe_open(str(result["final"]), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
-    assert meta["ss_base_model_version"] == "qwen_image_original" and meta["ss_timestep_sampling"] == "shift"
-    assert len(meta["sshs_model_hash"]) == 64 and '"images": 2' in meta["ss_dataset"]
+    assert meta["ss_base_model_version"] == "qwen_image" and meta["ss_timestep_sampling"] == "shift"
+    assert len(meta["sshs_model_hash"]) == 64 and '"num_images": 2' in meta["ss_datasets"]
 
     call = dict(prompt="a red circle", height=64, width=64, num_inference_steps=3, true_cfg_scale=1.0,
                 output_type="latent")

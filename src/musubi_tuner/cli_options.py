@@ -43,6 +43,8 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     g.add_argument("--fp8_vl", action="store_true", help="run the Qwen2.5-VL text encoder in fp8")
     g.add_argument("--blocks_to_swap", type=int, default=0, help="keep this many DiT blocks in CPU memory and "
                    "stream them in when used (training: also in backward)")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="swapped blocks live in pinned "
+                   "CPU memory (always so here: accepted for musubi-tuner command lines)")
     g.add_argument("--disable_numpy_memmap", action="store_true",
                    help="read weight files with plain reads instead of memory mapping (more RAM, sometimes faster)")
     c = p.add_argument_group("torch.compile")
@@ -51,8 +53,9 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     c.add_argument("--compile_backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     c.add_argument("--compile_mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
                                                              "max-autotune-no-cudagraphs"], help="torch.compile mode")
-    c.add_argument("--compile_dynamic", action="store_true",
-                   help="compile for dynamic shapes from the start (mixed bucket sizes recompile less)")
+    c.add_argument("--compile_dynamic", nargs="?", const="true", default=None, type=str.lower,
+                   choices=["true", "false", "auto"], help="dynamic shapes for torch.compile: true (mixed bucket sizes "
+                   "recompile less), false, or auto (torch decides; the default). A bare --compile_dynamic means true")
     c.add_argument("--compile_fullgraph", action="store_true", help="fail instead of falling back on graph breaks")
     c.add_argument("--compile_cache_size_limit", type=int, default=None,
                    help="torch._dynamo cache_size_limit (raise it when many bucket sizes cause recompiles)")
@@ -71,11 +74,14 @@ def require(args: argparse.Namespace, *names: str) -> None:
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """Options of the two caching scripts."""
     g = p.add_argument_group("dataset / caching")
-    g.add_argument("--dataset_config", help="dataset TOML")
+    g.add_argument("--dataset_config", help="dataset TOML or JSON")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--batch_size", type=int, default=1, help="items per model call")
     g.add_argument("--skip_existing", action="store_true", help="keep caches that are still fresh")
-    g.add_argument("--keep_cache", action="store_true", help="do not delete orphaned cache files")
+    g.add_argument("--keep_cache", action="store_true", help="do not delete orphaned cache files (files this tool "
+                   "did not write are never deleted)")
+    g.add_argument("--num_workers", type=int, default=None, help="threads that load and resize images ahead of the "
+                   "model (default: 1)")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -83,11 +89,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     from .training.optim import SCHEDULERS
     from .training.timesteps import METHODS, WEIGHTING
 
+    add_config_file_arg(p)
     add_model_args(p)
     d = p.add_argument_group("data")
-    d.add_argument("--dataset_config", help="dataset TOML (caches must exist: run the two caching scripts first)")
+    d.add_argument("--dataset_config", help="dataset TOML or JSON (caches must exist: run the two caching scripts first)")
     d.add_argument("--max_data_loader_n_workers", type=int, default=2, help="DataLoader worker processes")
     d.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
+    d.add_argument("--base_weights", nargs="*", help="LoRA / LoHa / LoKr files merged into the DiT as it loads")
+    d.add_argument("--base_weights_multiplier", type=float, nargs="*", help="multipliers of --base_weights")
+    d.add_argument("--training_comment", default=None, help="stored in the metadata of saved weights")
     d.add_argument("--remove_first_image_from_target", action="store_true",
                    help="layered: train on the layer images only (the composite stays the condition)")
     a = p.add_argument_group("attention / precision")
@@ -99,28 +109,49 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast precision")
     a.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
     a.add_argument("--gradient_checkpointing_cpu_offload", action="store_true", help="keep block inputs on the CPU")
+    a.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls and convolutions (Ampere+)")
+    a.add_argument("--cuda_cudnn_benchmark", action="store_true", help="let cuDNN pick the fastest algorithms")
+    a.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     add_memory_args(p, training=True)
     t = p.add_argument_group("timesteps / loss")
-    t.add_argument("--timestep_sampling", choices=list(METHODS), default="shift", help="how t is drawn")
+    t.add_argument("--timestep_sampling", choices=list(METHODS), default="shift", help="how t is drawn (shift with "
+                   "--discrete_flow_shift 2.2 per the user guide; musubi-tuner's parser default is sigma)")
     t.add_argument("--discrete_flow_shift", type=float, default=2.2, help="shift S for shift / sigma sampling")
     t.add_argument("--weighting_scheme", choices=list(WEIGHTING), default="none", help="density / loss weighting")
-    t.add_argument("--logit_mean", type=float, default=0.0)
-    t.add_argument("--logit_std", type=float, default=1.0)
-    t.add_argument("--mode_scale", type=float, default=1.29)
-    t.add_argument("--sigmoid_scale", type=float, default=1.0)
+    t.add_argument("--logit_mean", type=float, default=0.0, help="mean of logsnr / logit_normal")
+    t.add_argument("--logit_std", type=float, default=1.0, help="std of logsnr / logit_normal")
+    t.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode weighting scheme")
+    t.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale inside the sigmoid (sigmoid/shift sampling)")
     t.add_argument("--min_timestep", type=float, default=0.0, help="lowest t, in 0..1000")
     t.add_argument("--max_timestep", type=float, default=1000.0, help="highest t, in 0..1000")
+    t.add_argument("--preserve_distribution_shape", action="store_true", help="keep t inside min/max timestep by "
+                   "rejection sampling (the distribution keeps its shape) instead of rescaling [0, 1] onto the range")
+    t.add_argument("--num_timestep_buckets", type=int, default=None, help="stratified sampling: each run of N "
+                   "samples draws its uniform values from N equal strata (2 or more; not for sigma)")
+    t.add_argument("--show_timesteps", choices=["image", "console"], default=None,
+                   help="show the distribution of t these options give (console text or timesteps.png in "
+                        "--output_dir) and exit without training")
     o = p.add_argument_group("optimizer / schedule")
-    o.add_argument("--optimizer_type", default="adamw", help="adamw, adamw8bit, adafactor or module.Class")
-    o.add_argument("--optimizer_args", nargs="*", default=[], help="key=value arguments of the optimizer")
+    o.add_argument("--optimizer_type", default="adamw", help="adamw, adamw8bit, adafactor, a torch.optim class or "
+                   "module.Class")
+    o.add_argument("--optimizer_args", nargs="*", default=[], help="key=value arguments of the optimizer (Adafactor "
+                   "without them: relative_step=True, its own schedule, as musubi-tuner)")
     o.add_argument("--learning_rate", type=float, default=2e-6)
     o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     o.add_argument("--gradient_accumulation_steps", type=int, default=1)
     o.add_argument("--lr_scheduler", choices=list(SCHEDULERS), default="constant")
     o.add_argument("--lr_warmup_steps", type=float, default=0, help="warmup steps, or a fraction (< 1) of all steps")
+    o.add_argument("--lr_decay_steps", type=float, default=0, help="warmup_stable_decay: decay steps, or a fraction")
     o.add_argument("--lr_scheduler_num_cycles", type=float, default=1.0, help="cosine_with_restarts cycles")
     o.add_argument("--lr_scheduler_power", type=float, default=1.0, help="polynomial power")
-    o.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=0.0, help="floor of the schedule (x base lr)")
+    o.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None, help="floor of the schedule (x base lr); "
+                   "cosine_with_min_lr and rex (default 0.01) use it as their minimum")
+    o.add_argument("--lr_scheduler_timescale", type=int, default=None, help="inverse_sqrt timescale (default: warmup)")
+    o.add_argument("--lr_scheduler_type", default="", help="any scheduler class (torch.optim.lr_scheduler name or "
+                   "module.Class), built with --lr_scheduler_args; replaces --lr_scheduler")
+    o.add_argument("--lr_scheduler_args", nargs="*", default=None, help="key=value arguments of the scheduler")
+    o.add_argument("--scale_weight_norms", type=float, default=None, help="LoRA: after each step, scale down modules "
+                   "whose weight delta norm exceeds this (max-norm regularisation; 1 is a good start)")
     r = p.add_argument_group("run length / saving / logging")
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--max_train_epochs", type=int, default=None)
@@ -129,6 +160,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--save_every_n_steps", type=int, default=None)
     r.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last n epoch checkpoints")
     r.add_argument("--save_last_n_steps", type=int, default=None, help="keep step checkpoints of the last n steps")
+    r.add_argument("--save_last_n_epochs_state", type=int, default=None,
+                   help="keep only the last n epoch states (default: as --save_last_n_epochs)")
+    r.add_argument("--save_last_n_steps_state", type=int, default=None,
+                   help="keep step states of the last n steps (default: as --save_last_n_steps)")
     r.add_argument("--save_state", action="store_true", help="also save resumable training state at each save")
     r.add_argument("--save_state_on_train_end", action="store_true", help="save the state at the end")
     r.add_argument("--resume", help="state folder to resume from")
@@ -136,13 +171,100 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--output_name", default="qwen_image", help="checkpoint base name")
     r.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run with the same "
                    "--output_dir and --output_name (otherwise that is refused)")
-    r.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None, help="dtype of saved weights")
+    r.add_argument("--save_precision", choices=["float", "fp32", "fp16", "bf16"], default=None,
+                   help="dtype of saved weights (default: as trained)")
+    r.add_argument("--no_metadata", action="store_true", help="save weights without training metadata")
+    for field, what in (("title", "title (default: --output_name)"), ("author", "author"),
+                        ("description", "description"), ("license", "license"), ("tags", "tags, comma separated"),
+                        ("reso", "resolution, e.g. 1024,1024 (default: the dataset's)"),
+                        ("arch", "architecture (default: by model version)")):
+        r.add_argument(f"--metadata_{field}", default=None, help=f"model card {what} (modelspec.* metadata)")
     r.add_argument("--logging_dir", default=None, help="log folder (default: <output_dir>/logs)")
     r.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default="tensorboard")
     r.add_argument("--log_prefix", default="", help="prefix of the run name")
+    r.add_argument("--log_tracker_name", default=None, help="tracker project name (default: network or finetune)")
+    r.add_argument("--wandb_run_name", default=None, help="name of the wandb run")
+    r.add_argument("--log_config", action="store_true", help="log the options to the trackers and the console")
+    m = p.add_argument_group("multiple processes")
+    m.add_argument("--ddp_timeout", type=int, default=None, help="timeout of collective operations, minutes")
+    m.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                   help="accepted for musubi-tuner command lines; gradients are all-reduced without DDP here")
+    m.add_argument("--ddp_static_graph", action="store_true",
+                   help="accepted for musubi-tuner command lines; gradients are all-reduced without DDP here")
     s = p.add_argument_group("sampling during training")
-    s.add_argument("--sample_prompts", help="prompt file (one per line: --w --h --d --s --l --n --fs --ci --f)")
+    s.add_argument("--sample_prompts", help="prompt file (.txt lines with --w --h --d --s --l --n --fs --ci --f, or "
+                   "musubi-tuner's .toml / .json)")
     s.add_argument("--sample_every_n_epochs", type=int, default=None)
     s.add_argument("--sample_every_n_steps", type=int, default=None)
     s.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
-    s.add_argument("--device", default=None, help=argparse.SUPPRESS)
+
+
+def add_config_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config_file", default=None, help="TOML file of options (musubi-tuner's format: long option names "
+                   "without dashes, at top level or in any table; `.toml` is appended when missing); options given on "
+                   "the command line win")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args with --config_file: the file's values become defaults, so the command line overrides them."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config_file", None):
+        return args
+    values = read_config_file(args.config_file, parser)
+    return parser.parse_args(argv, namespace=argparse.Namespace(**values))
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Option values from a musubi-tuner style TOML config, checked against the parser's options."""
+    import logging
+    import tomllib
+    from pathlib import Path
+
+    from .fileio import read_text
+
+    p = Path(path if path.endswith(".toml") else path + ".toml")
+    if not p.is_file():
+        raise UserError(f"--config_file: {p} not found")
+    try:
+        data = tomllib.loads(read_text(p, "--config_file"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config_file {p}: invalid TOML ({e})") from None
+    flat: dict = {}
+    for key, value in data.items():  # tables are flattened into one namespace
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    unknown = sorted(k for k in flat if k not in actions)
+    if unknown:
+        logging.getLogger(__name__).warning("--config_file %s: ignoring unknown option(s) %s", p, ", ".join(unknown))
+    out = {}
+    for key, value in flat.items():
+        action = actions.get(key)
+        if action is None or key == "config_file":
+            continue
+        out[key] = _config_value(action, value, f"--config_file {p}: {key}")
+    return out
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    many = action.nargs in ("*", "+") or isinstance(action.nargs, int)
+    values = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise UserError(f"{where} takes one value, got a list")
+    conv = action.type or str
+    try:
+        out = [v if isinstance(v, bool) or (conv is float and isinstance(v, (int, float))) or
+               (conv is int and isinstance(v, int)) else conv(str(v)) for v in values]
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise UserError(f"{where}: {e}") from None
+    if action.choices is not None:
+        bad = [v for v in out if v not in action.choices]
+        if bad:
+            raise UserError(f"{where} {bad[0]!r} is not one of {', '.join(map(str, action.choices))}")
+    return out if many else out[0]

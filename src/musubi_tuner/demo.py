@@ -78,7 +78,9 @@ def main(argv=None):
     import torch
     from safetensors.torch import load_file
 
-    train = torch.stack([load_file(str(f))["latents"] for f in (out / "cache").glob("*_qi.safetensors")]).mean(0)
+    from .dataset.cache import read_latent_cache
+
+    train = torch.stack([read_latent_cache(f)[0] for f in (out / "cache").glob("*_qi.safetensors")]).mean(0)
     dist = {tag: (load_file(str(next(f for f in files if f.suffix == ".safetensors")))["latent"] - train).pow(2).mean()
             for tag, files in (("before", before), ("after", after))}
     print(f"latent MSE to the mean training image: before {dist['before']:.3f} -> after {dist['after']:.3f}")

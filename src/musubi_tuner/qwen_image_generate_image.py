@@ -28,17 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --d --s --g/--l --fs --n --ci "
                                        "--f --rcm_th --rcm_rel_th --rcm_ks --rcm_ds")
+    g.add_argument("--interactive", action="store_true", help="read prompt lines (with --w --h --d ... switches) from "
+                   "the console and generate each; models stay loaded; Ctrl-D ends")
     g.add_argument("--attn_mode", choices=list(ATTN_BACKENDS), default="sdpa", help="attention implementation")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     o = p.add_argument_group("output")
-    o.add_argument("--save_path", required=True, help="folder for the images / latents")
+    o.add_argument("--save_path", default=None, help="folder for the images / latents (required unless "
+                   "--save_merged_model)")
     o.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
     o.add_argument("--latent_path", nargs="+", help="decode these saved latent files only (no DiT / text encoder)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_weight", nargs="+", help="LoRA files to merge (kohya or diffusers lora_A/B format)")
     lo.add_argument("--lora_multiplier", type=float, nargs="+", help="one multiplier, or one per LoRA (default 1.0)")
+    lo.add_argument("--include_patterns", nargs="*", default=None,
+                    help="merge only the LoRA keys one of these regexes finds (re.search on the file's keys)")
+    lo.add_argument("--exclude_patterns", nargs="*", default=None, help="do not merge LoRA keys these regexes find")
+    lo.add_argument("--save_merged_model", default=None, metavar="FILE",
+                    help="merge the LoRAs into the DiT, save it to FILE (.safetensors, in the DiT's precision) and stop "
+                         "(no generation)")
     m = p.add_argument_group("memory")
     m.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
+    m.add_argument("--fp8", action="store_true", help="DiT block weights in float8_e4m3fn (as --fp8_base in training; "
+                   "--fp8_scaled is more accurate)")
     opts.add_vae_args(p)
     opts.add_memory_args(p)
     e = p.add_argument_group("edit / layered / inpainting")

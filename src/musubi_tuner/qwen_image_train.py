@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = opts.parse_args(build_parser(), argv)
     for flag in ("fp8_base", "fp8_scaled"):
         if getattr(args, flag):
             raise UserError(f"--{flag} cannot be used for full finetuning (fp8 weights cannot be trained); use "

@@ -23,15 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "include_patterns=..., rank_dropout=..., module_dropout=..., loraplus_lr_ratio=...)")
     n.add_argument("--network_weights", help="continue training this LoRA file")
     n.add_argument("--dim_from_weights", action="store_true", help="take ranks/alphas from --network_weights")
-    n.add_argument("--base_weights", nargs="*", help="LoRA files merged into the DiT before training")
-    n.add_argument("--base_weights_multiplier", type=float, nargs="*", help="multipliers of --base_weights")
-    n.add_argument("--training_comment", default=None, help="stored in the LoRA metadata")
     return p
 
 
 @cli_main
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = opts.parse_args(build_parser(), argv)
     from musubi_tuner.training.lora import LoraMode
     from musubi_tuner.training.trainer import run_training
 

@@ -22,7 +22,8 @@ def bucket_resolutions(resolution: tuple[int, int], step: int = STEP) -> list[tu
         if h >= step and 1 / MAX_ASPECT <= w / h <= MAX_ASPECT:
             out.add((w, h))
         w += step
-    out.add(tuple(resolution))
+    if resolution[0] % step == 0 and resolution[1] % step == 0:
+        out.add(tuple(resolution))
     return sorted(out)
 
 

@@ -1,7 +1,8 @@
 """The two caching jobs: VAE latents and text-encoder outputs, for every model version.
 
-Both skip fresh caches with --skip_existing (without loading any model when nothing is to do), rebuild stale
-ones, write atomically and remove orphaned caches unless --keep_cache.
+Both skip fresh caches with --skip_existing (without loading any model when nothing is to do), rebuild stale ones,
+write atomically and remove orphaned caches of their own unless --keep_cache. Caches written by musubi-tuner are
+used as they are when they fit, and never overwritten or deleted.
 """
 
 from __future__ import annotations
@@ -9,17 +10,21 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..fileio import check_writable_folder, save_safetensors
 from ..qwen_image.generate import compute_setup
 from ..qwen_image.model_files import expect
 from ..qwen_image.versions import ModelVersion
 from .cache import (
-    latent_cache_path, latent_metadata, model_id, remove_orphans, stale_reason, text_cache_path, text_metadata,
+    dtype_name, latent_cache_path, latent_file_metadata, latent_metadata, latent_status, latent_tensors, model_id,
+    remove_orphans,
+    text_cache_path, text_file_metadata, text_metadata, text_status,
 )
 from .config import load_dataset_config
 from .items import ImageItem, collect_items
@@ -33,42 +38,69 @@ def check_cache_folders(items: list[ImageItem]) -> None:
         check_writable_folder(d, "cache_directory")
 
 
-def _plan(items, version, path_fn, meta_fn, skip_existing: bool):
-    produced, todo, skipped, stale = set(), [], 0, 0
+def _plan(items, path_fn, meta_fn, status_fn, skip_existing: bool, kind: str):
+    """Which items to (re)cache. Fresh caches of ours are skipped with --skip_existing; musubi-tuner caches that fit
+    are always used as they are (never overwritten); one that does not fit is an error (it is not ours to replace)."""
+    produced, todo, skipped, foreign = set(), [], 0, 0
     for item in items:
         path, meta = path_fn(item), meta_fn(item)
         produced.add(path)
-        reason = stale_reason(path, meta) if path.exists() else None
-        if skip_existing and path.exists() and reason is None:
+        status = status_fn(path, item, meta)
+        if status.state == "foreign_mismatch":
+            raise UserError(f"{path} was not written by this tool (musubi-tuner format?) and does not fit "
+                            f"{item.targets[0]}: {status.reason}. It is not overwritten: delete it or set another "
+                            "cache_directory, then run this again")
+        if status.state == "foreign":
+            foreign += 1
+            continue
+        if skip_existing and status.state == "fresh":
             skipped += 1
             continue
-        if reason is not None:
-            stale += 1
-            logger.info("re-caching %s: %s", path.name, reason)
+        if status.state == "stale":
+            logger.info("re-caching %s: %s", path.name, status.reason)
         todo.append((item, path, meta))
-    return produced, todo, skipped, stale
+    if foreign:
+        logger.info("%s: %d musubi-tuner cache(s) fit their items and are used as they are", kind, foreign)
+    return produced, todo, skipped, foreign
 
 
 def _finish(items: list[ImageItem], produced: set[Path], version: ModelVersion, kind: str, keep_cache: bool,
-            done: int, skipped: int) -> dict:
+            done: int, skipped: int, foreign: int) -> dict:
     removed = 0
     if not keep_cache:
-        removed = remove_orphans({Path(i.config.cache_directory) for i in items}, produced, version, kind)
-    logger.info("%s: %d cached, %d fresh caches skipped, %d orphans removed", kind, done, skipped, removed)
-    return {"cached": done, "skipped": skipped, "removed": removed}
+        removed, _ = remove_orphans({Path(i.config.cache_directory) for i in items}, produced, version, kind)
+    logger.info("%s: %d cached, %d fresh caches skipped, %d musubi-tuner caches used, %d orphans removed", kind, done,
+                skipped, foreign, removed)
+    return {"cached": done, "skipped": skipped, "foreign": foreign, "removed": removed}
+
+
+def _prepared(entries, version: ModelVersion, workers: int, with_targets: bool = True):
+    """Prepared items (images loaded, resized, cropped) in order, read ahead by `workers` threads."""
+    if workers <= 1:
+        for entry in entries:
+            yield entry, prepare_item(entry[0], version, with_targets)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [(entry, pool.submit(prepare_item, entry[0], version, with_targets)) for entry in entries]
+        for entry, fut in futures:
+            yield entry, fut.result()
 
 
 def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
     from ..qwen_image.vae import encode, load_vae
 
     items = collect_items(load_dataset_config(args.dataset_config), version)
+    if getattr(args, "debug_mode", None):
+        from .debug import show_dataset
+
+        return show_dataset(items, version, args.debug_mode, args)
     expect(args.vae, "--vae", "vae", version)
     check_cache_folders(items)
     vae_id = model_id(args.vae)
     buckets = {id(it): target_bucket(it) for it in items}
-    produced, todo, skipped, _ = _plan(
-        items, version, lambda it: latent_cache_path(it, version, buckets[id(it)]),
-        lambda it: latent_metadata(it, version, buckets[id(it)], vae_id), args.skip_existing)
+    produced, todo, skipped, foreign = _plan(
+        items, lambda it: latent_cache_path(it, version), lambda it: latent_metadata(it, version, buckets[id(it)], vae_id),
+        latent_status, args.skip_existing, "latents")
 
     groups: dict[tuple, list] = defaultdict(list)
     for entry in todo:
@@ -77,25 +109,22 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
 
     vae = None
     device, dtype = compute_setup(args.device)
+    workers = getattr(args, "num_workers", None) or 1
     with tqdm(total=len(todo), desc="caching latents", unit="item") as bar:
         for batch in batches:
             if vae is None:
-                vae = load_vae(args.vae, dtype, device,
-                               version.vae_channels)
+                vae = load_vae(args.vae, dtype, device, version.vae_channels)
                 if args.vae_enable_tiling:
                     vae.enable_tiling()
-            prepared = [prepare_item(it, version) for it, _, _ in batch]
+            prepared = [p for _, p in _prepared(batch, version, workers)]
             pixels = torch.stack([p.targets for p in prepared])  # (B, C, F, H, W)
             # every frame (layered: composite and each layer) is an independent image for the VAE
             latents = torch.cat([encode(vae, pixels[:, :, f]) for f in range(pixels.shape[2])], dim=2).cpu()
             for (item, path, meta), prep, lat in zip(batch, prepared, latents):
-                tensors = {"latents": lat}
-                if version.is_edit:
-                    for i, c in enumerate(prep.controls):
-                        tensors[f"control_{i}"] = encode(vae, c.unsqueeze(0))[0].cpu()
-                save_safetensors(tensors, path, meta)
+                controls = [encode(vae, c.unsqueeze(0))[0].cpu() for c in prep.controls] if version.is_edit else []
+                save_safetensors(latent_tensors(lat, controls), path, latent_file_metadata(item, version, meta))
                 bar.update(1)
-    return _finish(items, produced, version, "latents", args.keep_cache, len(todo), skipped)
+    return _finish(items, produced, version, "latents", args.keep_cache, len(todo), skipped, foreign)
 
 
 def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) -> dict:
@@ -105,16 +134,19 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
     expect(args.text_encoder, "--text_encoder", "text_encoder", version)
     check_cache_folders(items)
     te_id = model_id(args.text_encoder)
-    produced, todo, skipped, _ = _plan(items, version, lambda it: text_cache_path(it, version),
-                                       lambda it: text_metadata(it, version, te_id), args.skip_existing)
+    produced, todo, skipped, foreign = _plan(items, lambda it: text_cache_path(it, version),
+                                             lambda it: text_metadata(it, version, te_id), text_status,
+                                             args.skip_existing, "text")
     batch_size = args.batch_size if not version.is_edit else 1  # edit prompts carry their own images
     te = processor = None
     device, dtype = compute_setup(args.device)
+    workers = getattr(args, "num_workers", None) or 1
     with tqdm(total=len(todo), desc="caching text encoder outputs", unit="item") as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             if te is None:
-                processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer)
+                processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer,
+                                           args.text_encoder)
                 te = load_text_encoder(args.text_encoder, dtype, device)
                 if args.fp8_vl:
                     from ..qwen_image.generate import quantize_text_encoder
@@ -122,9 +154,11 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
                     quantize_text_encoder(te, device)
             images = None
             if version.is_edit:
-                images = [prepare_item(it, version, with_targets=False).control_images for it, _, _ in batch]
+                images = [p.control_images for _, p in _prepared(batch, version, workers, with_targets=False)]
             embeds = encode_prompts(te, processor, [it.caption for it, _, _ in batch], version.template, device, images)
             for (item, path, meta), e in zip(batch, embeds):
-                save_safetensors({"embed": e.cpu()}, path, meta)
+                e = e.cpu().contiguous()
+                save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e}, path,
+                                 text_file_metadata(item, version, meta))
                 bar.update(1)
-    return _finish(items, produced, version, "text", args.keep_cache, len(todo), skipped)
+    return _finish(items, produced, version, "text", args.keep_cache, len(todo), skipped, foreign)

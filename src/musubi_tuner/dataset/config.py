@@ -1,4 +1,6 @@
-"""The TOML dataset config: `[general]` defaults and `[[datasets]]` entries, validated before any model loads.
+"""The dataset config (TOML, or JSON with the same tables): `[general]` defaults and `[[datasets]]` entries, validated
+before any model loads. Keys of musubi-tuner's other architectures (fp_*, video keys) are ignored with a warning and
+video datasets skipped, so a config shared with those works here.
 
     [general]
     resolution = [1024, 1024]        # int or [W, H]
@@ -12,7 +14,8 @@
     cache_directory = "/data/cache"    # default: image_directory (required with image_jsonl_file)
     control_directory = "/data/ctrl"   # edit: <base>.ext or <base>_0.ext, <base>_1.ext ...
     control_resolution = [1024, 1024]  # default: the target's bucket (pixel-aligned)
-    no_resize_control = false          # true: controls at native size, cropped to multiples of 16
+    no_resize_control = false          # true: controls at native size, cropped to multiples of 16; together with
+                                       # control_resolution, that area is the maximum (larger controls shrink to it)
     multiple_target = false            # layered: <base>.png composite + <base>_1.png ... RGBA layers
     num_repeats = 1
 """
@@ -20,11 +23,16 @@
 from __future__ import annotations
 
 import difflib
+import json
+import logging
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import read_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +68,11 @@ _TYPES = {
 _ALIASES = {"qwen_image_edit_no_resize_control": "no_resize_control",
             "qwen_image_edit_control_resolution": "control_resolution"}
 _GENERAL_ONLY_FORBIDDEN = {"image_directory", "image_jsonl_file", "cache_directory", "control_directory"}
+# keys of musubi-tuner's other architectures: a config shared with them works here, the keys are ignored
+_OTHER_ARCH_KEYS = {"fp_latent_window_size", "fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post",
+                    "target_frames", "frame_extraction", "frame_stride", "frame_sample", "max_frames", "source_fps",
+                    "debug_dataset"}
+_VIDEO_KEYS = {"video_directory", "video_jsonl_file"}
 
 
 def _check_value(key: str, value, where: str):
@@ -82,6 +95,9 @@ def _check_table(table: dict, where: str, general: bool) -> dict:
     out = {}
     for key, value in table.items():
         key = _ALIASES.get(key, key)
+        if key in _OTHER_ARCH_KEYS:
+            logger.warning("%s: %s is a key of other architectures (musubi-tuner) and is ignored", where, key)
+            continue
         if key not in _TYPES:
             close = difflib.get_close_matches(key, list(_TYPES), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(_TYPES))})"
@@ -97,10 +113,19 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--dataset_config: file not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: invalid TOML ({e})") from None
+    text = read_text(p, "--dataset_config")
+    if p.suffix.lower() == ".json":  # musubi-tuner also reads JSON configs with the same tables
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{p}: invalid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: the JSON config must be an object with general / datasets")
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{p}: invalid TOML ({e})") from None
     unknown = set(data) - {"general", "datasets"}
     if unknown:
         raise UserError(f"{p}: unknown top-level table(s) {sorted(unknown)}; use [general] and [[datasets]]")
@@ -116,10 +141,16 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
         where = f"{p}: [[datasets]] #{i + 1}"
         if not isinstance(entry, dict):
             raise UserError(f"{where}: each dataset must be a [[datasets]] table, got {type(entry).__name__}")
+        if _VIDEO_KEYS & entry.keys():
+            logger.warning("%s: a video dataset (musubi-tuner's other architectures) is skipped: Qwen-Image trains on "
+                           "images", where)
+            continue
         values = {**general, **_check_table(entry, where, general=False)}
         cfg = DatasetConfig(**values, index=i, source=str(p))
         _check_paths(cfg)
         configs.append(cfg)
+    if not configs:
+        raise UserError(f"{p}: no image datasets (only video datasets, which Qwen-Image does not train on)")
     return configs
 
 
@@ -136,12 +167,9 @@ def _check_paths(cfg: DatasetConfig) -> None:
             raise UserError(f"{w}: cache_directory is required with image_jsonl_file")
     if cfg.control_directory and not Path(cfg.control_directory).is_dir():
         raise UserError(f"{w}: control_directory does not exist: {cfg.control_directory}")
-    if cfg.control_resolution and cfg.no_resize_control:
-        raise UserError(f"{w}: control_resolution and no_resize_control are mutually exclusive")
-    for name in ("resolution", "control_resolution"):
-        r = getattr(cfg, name)
-        if r and (r[0] % 16 or r[1] % 16):
-            raise UserError(f"{w}: {name} {list(r)} must be multiples of 16")
+    if not cfg.enable_bucket and (cfg.resolution[0] % 16 or cfg.resolution[1] % 16):
+        raise UserError(f"{w}: resolution {list(cfg.resolution)} must be multiples of 16 without enable_bucket (with "
+                        "buckets it is an area and any value works)")
     if cfg.cache_directory is None:
         cfg.cache_directory = cfg.image_directory
 

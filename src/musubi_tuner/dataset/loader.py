@@ -7,19 +7,24 @@ start in the middle of an epoch at exactly the batch where it stopped.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import UserError
 from ..qwen_image.text_encoder import pad_embeds
 from ..qwen_image.versions import ModelVersion
-from .cache import latent_cache_path, latent_metadata, model_id, stale_reason, text_cache_path, text_metadata
+from .cache import (
+    cache_shapes, latent_cache_path, latent_metadata, latent_status, model_id, read_latent_cache, read_text_cache,
+    text_cache_path, text_metadata, text_status,
+)
 from .items import ImageItem
 from .prepare import target_bucket
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,35 +37,34 @@ class CachedItem:
     num_repeats: int
 
 
-def _shapes(path: Path) -> tuple[tuple, tuple]:
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        lat = tuple(f.get_slice("latents").get_shape())
-        ctrl = tuple(tuple(f.get_slice(k).get_shape()) for k in sorted(k for k in keys if k.startswith("control_")))
-    return lat, ctrl
-
-
 def check_caches(items: list[ImageItem], version: ModelVersion, vae: str | None = None,
                  text_encoder: str | None = None) -> list[CachedItem]:
-    """Every item needs fresh latent and text caches; otherwise one error that says which and how to rebuild."""
+    """Every item needs usable latent and text caches (fresh ones of ours, or musubi-tuner's that fit); otherwise one
+    error that says which and how to rebuild."""
     out = []
     vae_id = model_id(vae) if vae and Path(vae).exists() else None
     te_id = model_id(text_encoder) if text_encoder and Path(text_encoder).exists() else None
+    foreign = 0
     for it in items:
-        bucket = target_bucket(it)
-        lat = latent_cache_path(it, version, bucket)
-        txt = text_cache_path(it, version)
-        ignore_l = () if vae_id else ("vae",)
-        ignore_t = () if te_id else ("text_encoder",)
-        r = stale_reason(lat, latent_metadata(it, version, bucket, vae_id or ""), ignore_l)
-        if r:
-            raise UserError(f"latent cache {lat} for {it.targets[0]} is {r}; run qwen_image_cache_latents.py with "
-                            f"--model_version {version.name} first")
-        r = stale_reason(txt, text_metadata(it, version, te_id or ""), ignore_t)
-        if r:
-            raise UserError(f"text-encoder cache {txt} for {it.targets[0]} is {r}; run "
-                            f"qwen_image_cache_text_encoder_outputs.py with --model_version {version.name} first")
-        out.append(CachedItem(lat, txt, _shapes(lat), it.config.index, it.config.batch_size, it.config.num_repeats))
+        lat, txt = latent_cache_path(it, version), text_cache_path(it, version)
+        for path, status, script in (
+            (lat, latent_status(lat, it, latent_metadata(it, version, target_bucket(it), vae_id or ""),
+                                () if vae_id else ("vae",)), "qwen_image_cache_latents.py"),
+            (txt, text_status(txt, it, text_metadata(it, version, te_id or ""), () if te_id else ("text_encoder",)),
+             "qwen_image_cache_text_encoder_outputs.py"),
+        ):
+            what = "latent" if path == lat else "text-encoder"
+            if status.state == "foreign_mismatch":
+                raise UserError(f"{what} cache {path} (not written by this tool) does not fit {it.targets[0]}: "
+                                f"{status.reason}; delete it, then run {script} with --model_version {version.name}")
+            if not status.usable:
+                raise UserError(f"{what} cache {path} for {it.targets[0]} is {status.reason or 'missing'}; run "
+                                f"{script} with --model_version {version.name} first")
+            foreign += status.state == "foreign"
+        out.append(CachedItem(lat, txt, cache_shapes(lat), it.config.index, it.config.batch_size, it.config.num_repeats))
+    if foreign:
+        logger.info("using %d musubi-tuner cache file(s) as they are (they record no source, so changes to images or "
+                    "models are not detected)", foreign)
     return out
 
 
@@ -113,15 +117,16 @@ class CachedBatches(torch.utils.data.Dataset):
         lat, ctrls, texts = [], [], []
         for j, _ in members:
             it = self.items[j]
-            with safe_open(str(it.latent_path), framework="pt") as f:
-                lat.append(f.get_tensor("latents").float())
-                ctrls.append([f.get_tensor(k).float() for k in sorted(k for k in f.keys() if k.startswith("control_"))])
-            with safe_open(str(it.text_path), framework="pt") as f:
-                texts.append(f.get_tensor("embed").float())
+            latents, controls = read_latent_cache(it.latent_path)
+            lat.append(latents)
+            ctrls.append(controls)
+            texts.append(read_text_cache(it.text_path))
         text, mask = pad_embeds(texts)
         controls = [torch.stack([c[k] for c in ctrls]) for k in range(len(ctrls[0]))]
+        width = max(it.batch_size for it in self.items) * self.num_processes  # widest global batch
         return {"latents": torch.stack(lat), "controls": controls, "text": text, "text_mask": mask,
-                "sample_keys": [(epoch, i, pos) for _, pos in members], "items": [j for j, _ in members]}
+                "sample_keys": [(epoch, i, pos) for _, pos in members], "items": [j for j, _ in members],
+                "ordinals": [(epoch * len(self) + i) * width + pos for _, pos in members]}
 
 
 class EpochSampler(torch.utils.data.Sampler):

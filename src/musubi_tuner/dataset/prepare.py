@@ -30,6 +30,8 @@ def target_bucket(item: ImageItem) -> tuple[int, int]:
 
 def control_mode(item: ImageItem) -> str:
     cfg = item.config
+    if cfg.no_resize_control and cfg.control_resolution:
+        return f"native up to {cfg.control_resolution[0]}x{cfg.control_resolution[1]}"
     if cfg.no_resize_control:
         return "native"
     if cfg.control_resolution:
@@ -38,12 +40,16 @@ def control_mode(item: ImageItem) -> str:
 
 
 def prepare_control(img: Image.Image, item: ImageItem, bucket: tuple[int, int]) -> Image.Image:
+    """no_resize_control: native size cropped to multiples of 16 (with control_resolution too: as long as the image
+    is not larger than that area, else like control_resolution alone, as musubi-tuner does); control_resolution: the
+    control's own bucket at that area; otherwise the target's transform (pixel-aligned when sizes match)."""
     cfg = item.config
-    if cfg.no_resize_control:
+    area = cfg.control_resolution[0] * cfg.control_resolution[1] if cfg.control_resolution else None
+    if cfg.no_resize_control and (area is None or img.size[0] * img.size[1] <= area):
         return crop_to_multiple(img)
     if cfg.control_resolution:
         return resize_crop(img, select_bucket(img.size, cfg.control_resolution, True, cfg.bucket_no_upscale))
-    return resize_crop(img, bucket)  # same transform as the target: pixel-aligned when sizes match
+    return resize_crop(img, bucket)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from ..errors import UserError
-from ..qwen_image.dit import load_dit
+from ..qwen_image.dit import LoraMerge, load_dit
 from ..qwen_image.versions import ModelVersion
 from .attention import enable_checkpointing, enable_split_attention
 from .block_swap import enable_block_swap
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 def fp8_mode(args) -> str | None:
     if getattr(args, "fp8_scaled", False):
         return "channel"
-    if getattr(args, "fp8_base", False):
+    if getattr(args, "fp8_base", False) or getattr(args, "fp8", False):  # --fp8: generation's name of --fp8_base
         return "tensor"
     return None
 
@@ -39,7 +39,7 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
     mode = fp8_mode(args)
     model = load_dit(args.dit, version, dtype, "cpu" if swap else device,
                      disable_mmap=getattr(args, "disable_numpy_memmap", False), fp8_mode=mode, compute_device=device,
-                     check_config=check_swap)
+                     check_config=check_swap, loras=lora_merges_from_args(args))
     if mode:
         logger.info("fp8 (%s): Linear weights of the transformer blocks quantised while loading", mode)
     swapper = enable_block_swap(model, swap, device) if swap else None
@@ -52,6 +52,21 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
     if getattr(args, "compile", False):
         compile_blocks(model.transformer_blocks, args)
     return model, swapper
+
+
+def lora_merges_from_args(args) -> list[LoraMerge]:
+    """LoRAs merged into the DiT as it loads: generation's --lora_weight / --lora_multiplier (with
+    --include_patterns / --exclude_patterns), training's --base_weights / --base_weights_multiplier."""
+    for files, mults, option in ((getattr(args, "lora_weight", None), getattr(args, "lora_multiplier", None),
+                                  "--lora_weight"),
+                                 (getattr(args, "base_weights", None), getattr(args, "base_weights_multiplier", None),
+                                  "--base_weights")):
+        if files:
+            mults = list(mults or [1.0])
+            return [LoraMerge(f, mults[i] if i < len(mults) else mults[-1], option,
+                              getattr(args, "include_patterns", None), getattr(args, "exclude_patterns", None))
+                    for i, f in enumerate(files)]
+    return []
 
 
 def check_compile(args) -> None:
@@ -73,7 +88,7 @@ def compile_blocks(blocks, args) -> None:
     if args.compile_cache_size_limit:
         torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
     options = dict(backend=args.compile_backend, mode=None if args.compile_mode == "default" else args.compile_mode,
-                   dynamic=True if args.compile_dynamic else None, fullgraph=args.compile_fullgraph)
+                   dynamic={"true": True, "false": False}.get(args.compile_dynamic), fullgraph=args.compile_fullgraph)
     for block in blocks:
         block.forward = torch.compile(block.forward, **options)
     logger.info("torch.compile (%s, mode %s) on %d blocks; the first steps compile", args.compile_backend,

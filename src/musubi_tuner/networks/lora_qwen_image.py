@@ -1,11 +1,11 @@
 """LoRA for the Qwen-Image DiT, with the kohya `network_module` interface (`create_network`,
 `create_network_from_weights`, `apply_to`, `prepare_optimizer_params`, `save_weights`, `load_weights`), so the trainer
-drives this module and third-party ones (e.g. LyCORIS' kohya module) the same way.
+drives this module and third-party ones (e.g. LyCORIS' kohya module) the same way. `networks.loha` and `networks.lokr`
+use the same network with other module kinds.
 
 Targets: every nn.Linear inside the transformer blocks (attention q/k/v/out of both streams, MLPs, img_mod/txt_mod).
-network_args: exclude_patterns (regexes, re.match on dotted module names, python-list syntax) and
-include_patterns (re-include excluded modules), rank_dropout,
-module_dropout, loraplus_lr_ratio.
+network_args: exclude_patterns / include_patterns (regexes, `re.fullmatch` on dotted module names as musubi-tuner does,
+python-list syntax; include re-adds excluded modules), rank_dropout, module_dropout, loraplus_lr_ratio, verbose.
 """
 
 from __future__ import annotations
@@ -19,25 +19,26 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .lora_files import KOHYA_PREFIX, LoraWeights, canonical_lora, linear_module_names, load_lora, save_lora
+from .lora_files import (
+    KOHYA_PREFIX, LohaWeights, LokrWeights, LoraWeights, canonical_lora, linear_module_names, load_lora, on_cpu,
+    save_lora,
+)
 
 logger = logging.getLogger(__name__)
 
 TARGET_PREFIX = "transformer_blocks."
 
 
-class LoRAModule(nn.Module):
-    """y = W x + multiplier * alpha/rank * up(down(x)), patched into the wrapped Linear's forward."""
+class NetworkModule(nn.Module):
+    """y = W x + multiplier * delta(x), patched into the wrapped Linear's forward. Subclasses define the delta."""
 
-    def __init__(self, name: str, org: nn.Linear, rank: int, alpha: float, dropout: float | None = None,
+    kind = "base"
+
+    def __init__(self, name: str, org: nn.Linear, rank: int, alpha: float | None, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None):
         super().__init__()
         self.lora_name = name
         self.rank = rank
-        self.lora_down = nn.Linear(org.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, org.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
         alpha = rank if alpha is None or alpha == 0 else alpha
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.scale = float(alpha) / rank
@@ -55,6 +56,58 @@ class LoRAModule(nn.Module):
         if self.org_forward is not None:
             self.org_module[0].forward = self.org_forward
             self.org_forward = None
+
+    def weights(self):
+        """This module as the canonical file form (lora_files.*Weights)."""
+        raise NotImplementedError
+
+    def load(self, w) -> None:
+        for key, t in w.tensors().items():
+            own = self._file_params()[key]
+            if own.shape != t.shape:
+                raise UserError(f"module {self.lora_name}: {key} is {tuple(t.shape)} in the file but "
+                                f"{tuple(own.shape)} here")
+            own.data.copy_(t)
+
+    def _file_params(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.weights().tensors().items()}
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.org_forward(x)
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return out
+        diff = self.delta_weight()
+        scale = 1.0
+        if self.training and self.rank_dropout:
+            keep = (torch.rand(diff.shape[0], device=diff.device) > self.rank_dropout).to(diff.dtype)
+            diff = diff * keep[:, None]
+            scale = 1.0 / (1.0 - self.rank_dropout)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(diff.dtype)
+        return out + (nn.functional.linear(x, diff) * (self.multiplier * scale)).to(out.dtype)
+
+
+class LoRAModule(NetworkModule):
+    """y = W x + multiplier * alpha/rank * up(down(x))."""
+
+    kind = "lora"
+
+    def __init__(self, name: str, org: nn.Linear, rank: int, alpha: float, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None, **_):
+        super().__init__(name, org, rank, alpha, dropout, rank_dropout, module_dropout)
+        self.lora_down = nn.Linear(org.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, org.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def weights(self) -> LoraWeights:
+        return LoraWeights(self.lora_down.weight, self.lora_up.weight, float(self.alpha))
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_up.weight @ self.lora_down.weight) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.org_forward(x)
@@ -81,35 +134,48 @@ def _patterns(value) -> list[str]:
     return [str(v) for v in value]
 
 
+def _compile(patterns: list[str], what: str) -> list[re.Pattern]:
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise UserError(f"--network_args {what}: invalid regex ({e})") from None
+
+
 class LoRANetwork(nn.Module):
     def __init__(self, transformer: nn.Module, rank: int, alpha: float, multiplier: float = 1.0,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
                  include_patterns=None, exclude_patterns=None, loraplus_lr_ratio: float | None = None,
-                 ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None):
+                 ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
+                 module_class: type[NetworkModule] = LoRAModule, module_kwargs: dict | None = None,
+                 verbose: bool = False):
         super().__init__()
         self.multiplier = multiplier
         self.loraplus_lr_ratio = loraplus_lr_ratio
-        include = [re.compile(p) for p in _patterns(include_patterns)]
-        exclude = [re.compile(p) for p in _patterns(exclude_patterns)]
+        include = _compile(_patterns(include_patterns), "include_patterns")
+        exclude = _compile(_patterns(exclude_patterns), "exclude_patterns")
         mods = dict(transformer.named_modules())
         self.unet_loras = nn.ModuleList()
         for name in linear_module_names(transformer):
             if not name.startswith(TARGET_PREFIX):
                 continue
-            # exclude_patterns drop modules; include_patterns bring excluded ones back (re.match on module names)
-            if any(p.match(name) for p in exclude) and not any(p.match(name) for p in include):
+            # exclude_patterns drop modules; include_patterns bring excluded ones back (full match, as musubi-tuner)
+            if any(p.fullmatch(name) for p in exclude) and not any(p.fullmatch(name) for p in include):
+                if verbose:
+                    logger.info("excluded: %s", name)
                 continue
             if ranks is not None and name not in ranks:
                 continue
             r = ranks[name] if ranks else rank
             a = alphas.get(name, r) if alphas is not None else alpha
-            self.unet_loras.append(LoRAModule(KOHYA_PREFIX + name.replace(".", "_"), mods[name], r, a, dropout,
-                                              rank_dropout, module_dropout))
-            self.unet_loras[-1].module_name = name
+            m = module_class(KOHYA_PREFIX + name.replace(".", "_"), mods[name], r, a, dropout, rank_dropout,
+                             module_dropout, **(module_kwargs or {}))
+            m.module_name = name
+            self.unet_loras.append(m)
         if not self.unet_loras:
-            raise ValueError("no LoRA targets matched (check include_patterns / exclude_patterns)")
+            raise UserError("--network_args: no target modules left (check include_patterns / exclude_patterns)")
         self.set_multiplier(multiplier)
-        logger.info("LoRA: %d modules, rank %s", len(self.unet_loras), rank if ranks is None else "from weights")
+        logger.info("%s: %d modules, rank %s", module_class.kind, len(self.unet_loras),
+                    rank if ranks is None else "from weights")
 
     # kohya network interface
     def apply_to(self, text_encoders=None, unet=None, apply_text_encoder: bool = False, apply_unet: bool = True):
@@ -135,25 +201,27 @@ class LoRANetwork(nn.Module):
         return list(self.parameters())
 
     def prepare_optimizer_params(self, unet_lr: float | None = None, learning_rate: float | None = None, **_):
+        """One group, or with loraplus_lr_ratio the lora_up weights in a second group at ratio x lr (as kohya's)."""
         lr = unet_lr if unet_lr is not None else learning_rate
-        downs = [p for l in self.unet_loras for p in l.lora_down.parameters()]
-        ups = [p for l in self.unet_loras for p in l.lora_up.parameters()]
+        plus, base = [], []
+        for m in self.unet_loras:
+            for n, p in m.named_parameters():
+                (plus if self.loraplus_lr_ratio and n.startswith("lora_up") else base).append(p)
         if self.loraplus_lr_ratio:
-            groups = [{"params": downs, "lr": lr}, {"params": ups, "lr": lr * self.loraplus_lr_ratio}]
-            return groups, ["unet", "unet plus"]
-        return [{"params": downs + ups, "lr": lr}], ["unet"]
+            return [{"params": base, "lr": lr}, {"params": plus, "lr": lr * self.loraplus_lr_ratio}], ["unet", "unet plus"]
+        return [{"params": base, "lr": lr}], ["unet"]
 
-    def canonical(self) -> dict[str, LoraWeights]:
-        return {l.module_name: LoraWeights(l.lora_down.weight.detach(), l.lora_up.weight.detach(), float(l.alpha))
-                for l in self.unet_loras}
+    def canonical(self) -> dict:
+        return {m.module_name: m.weights() for m in self.unet_loras}
 
     def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
                      fmt: str = "kohya") -> None:
-        save_lora({k: LoraWeights(v.down.cpu(), v.up.cpu(), v.alpha) for k, v in self.canonical().items()},
-                  file, fmt, metadata, dtype)
+        """kohya keys; with metadata, the kohya model hashes (sshs_*) are added as LoRA managers expect."""
+        weights = {name: on_cpu(w) for name, w in self.canonical().items()}
+        save_lora(weights, file, fmt, metadata, dtype, hashes=metadata is not None)
 
     def load_weights(self, file: str) -> dict:
-        by_module = {l.module_name: l for l in self.unet_loras}
+        by_module = {m.module_name: m for m in self.unet_loras}
         lora = load_lora(file, list(by_module), option="--network_weights")
         missing = set(by_module) - set(lora)
         for name, w in lora.items():
@@ -161,12 +229,36 @@ class LoRANetwork(nn.Module):
                 raise UserError(f"--network_weights {file}: module {name} is not a target of this network (other "
                                 "include/exclude patterns?)")
             m = by_module[name]
-            if m.lora_down.weight.shape != w.down.shape or m.lora_up.weight.shape != w.up.shape:
+            if type(m.weights()) is not type(w):
+                raise UserError(f"--network_weights {file}: module {name} is a {type(w).__name__[:4]} module but the "
+                                f"network is {m.kind}; pass the matching --network_module")
+            if getattr(w, "rank", None) is not None and w.rank != m.rank:
                 raise UserError(f"--network_weights {file}: module {name} has rank {w.rank} but this network has rank "
                                 f"{m.rank}; pass --network_dim {w.rank} or --dim_from_weights")
-            m.lora_down.weight.data.copy_(w.down)
-            m.lora_up.weight.data.copy_(w.up)
+            try:
+                m.load(w)
+            except UserError as e:
+                raise UserError(f"--network_weights {file}: {e}; pass --dim_from_weights") from None
         return {"missing": sorted(missing)}
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float, device) -> tuple[int, float, float]:
+        """--scale_weight_norms: scale down the LoRA modules whose delta-weight norm exceeds max_norm (down and up by
+        the square root of the ratio each), as kohya's trainers do. Returns (modules scaled, mean norm, max norm)."""
+        norms, scaled = [], 0
+        for m in self.unet_loras:
+            if not isinstance(m, LoRAModule):
+                continue
+            down, up = m.lora_down.weight, m.lora_up.weight
+            norm = ((up.to(device) @ down.to(device)) * m.scale).norm()
+            clamped = norm.clamp(min=max_norm / 2)
+            ratio = float(clamped.clamp(max=max_norm) / clamped)
+            if ratio != 1:
+                scaled += 1
+                down.mul_(ratio ** 0.5)
+                up.mul_(ratio ** 0.5)
+            norms.append(float(norm) * ratio)
+        return scaled, (sum(norms) / len(norms) if norms else 0.0), max(norms, default=0.0)
 
 
 def _float(kwargs, name):
@@ -174,15 +266,45 @@ def _float(kwargs, name):
     return None if v is None else float(v)
 
 
-def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoders,
-                   unet: nn.Module, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
-    """kohya entry point; `unet` is the Qwen-Image DiT. kwargs come from --network_args (strings)."""
+def make_network(module_class: type[NetworkModule], multiplier: float, network_dim: int | None,
+                 network_alpha: float | None, unet: nn.Module, neuron_dropout: float | None = None,
+                 module_kwargs: dict | None = None, **kwargs) -> LoRANetwork:
+    """The network for `--network_args` strings (kwargs)."""
+    verbose = str(kwargs.pop("verbose", "False")).lower() in ("1", "true", "yes")
     return LoRANetwork(
         unet, int(network_dim or 4), float(network_alpha if network_alpha is not None else 1.0), multiplier,
         dropout=neuron_dropout, rank_dropout=_float(kwargs, "rank_dropout"),
         module_dropout=_float(kwargs, "module_dropout"), include_patterns=kwargs.pop("include_patterns", None),
         exclude_patterns=kwargs.pop("exclude_patterns", None), loraplus_lr_ratio=_float(kwargs, "loraplus_lr_ratio"),
+        module_class=module_class, module_kwargs=module_kwargs, verbose=verbose,
     )
+
+
+def make_network_from_weights(module_class: type[NetworkModule], weights_kind: type, multiplier: float, file: str,
+                              unet: nn.Module, weights_sd: dict | None = None, module_kwargs: dict | None = None
+                              ) -> LoRANetwork:
+    """A network whose modules, ranks and alphas are those of an existing file (to continue training it)."""
+    names = linear_module_names(unet)
+    lora = canonical_lora(weights_sd, names) if weights_sd is not None else load_lora(file, names, "--network_weights")
+    wrong = [n for n, w in lora.items() if not isinstance(w, weights_kind)]
+    if wrong:
+        raise UserError(f"--network_weights {file}: module {wrong[0]} is a {type(lora[wrong[0]]).__name__[:4]} module; "
+                        f"pass the matching --network_module")
+    def rank(w) -> int:  # a full LoKr w2 has no rank: its size stands in (any rank >= half of it means full)
+        return w.rank if w.rank is not None else max(w.parts["lokr_w2"].shape)
+
+    net = LoRANetwork(unet, 0, 0, multiplier, ranks={k: rank(v) for k, v in lora.items()},
+                      alphas={k: (v.alpha if v.alpha is not None else rank(v)) for k, v in lora.items()},
+                      module_class=module_class, module_kwargs=module_kwargs)
+    for m in net.unet_loras:
+        m.load(lora[m.module_name])
+    return net
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoders,
+                   unet: nn.Module, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
+    """kohya entry point; `unet` is the Qwen-Image DiT. kwargs come from --network_args (strings)."""
+    return make_network(LoRAModule, multiplier, network_dim, network_alpha, unet, neuron_dropout, **kwargs)
 
 
 create_arch_network = create_network
@@ -190,16 +312,10 @@ create_arch_network = create_network
 
 def create_network_from_weights(multiplier: float, file: str, vae, text_encoders, unet: nn.Module,
                                 weights_sd: dict | None = None, for_inference: bool = False, **kwargs) -> LoRANetwork:
-    """A network whose modules, ranks and alphas are those of an existing LoRA file (to continue training it)."""
-    names = linear_module_names(unet)
-    lora = canonical_lora(weights_sd, names) if weights_sd is not None else load_lora(file, names, "--network_weights")
-    net = LoRANetwork(unet, 0, 0, multiplier, ranks={k: v.rank for k, v in lora.items()},
-                      alphas={k: (v.alpha if v.alpha is not None else v.rank) for k, v in lora.items()})
-    for l in net.unet_loras:
-        w = lora[l.module_name]
-        l.lora_down.weight.data.copy_(w.down)
-        l.lora_up.weight.data.copy_(w.up)
-    return net
+    return make_network_from_weights(LoRAModule, LoraWeights, multiplier, file, unet, weights_sd)
 
 
 create_arch_network_from_weights = create_network_from_weights
+
+__all__ = ["LoRAModule", "LoRANetwork", "NetworkModule", "LohaWeights", "LokrWeights", "create_network",
+           "create_network_from_weights"]

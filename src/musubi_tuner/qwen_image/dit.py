@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +19,8 @@ from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 
 from ..errors import UserError
-from .versions import ModelVersion
 from .model_files import ADDITIONAL_T_KEY, expect, strip_dit_prefix
+from .versions import ModelVersion
 from .weights import load_tensors
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,40 @@ def _find_config_json(files: list[Path]) -> dict | None:
     return None
 
 
+@dataclass
+class LoraMerge:
+    """A LoRA (or LoHa / LoKr) file merged into the DiT while it loads."""
+
+    path: str
+    multiplier: float = 1.0
+    option: str = "--lora_weight"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+
+def lora_merges(model: torch.nn.Module, loras: list[LoraMerge]) -> dict[str, list]:
+    """weight key -> [(weights, multiplier)] of every LoRA, checked against the (meta) model's Linear shapes."""
+    from ..networks.lora_files import linear_module_names, load_lora
+
+    if not loras:
+        return {}
+    modules = dict(model.named_modules())
+    names = linear_module_names(model)
+    out: dict[str, list] = {}
+    for spec in loras:
+        for name, w in load_lora(spec.path, names, spec.option, spec.include, spec.exclude).items():
+            mod = modules.get(name)
+            if not isinstance(mod, torch.nn.Linear):
+                raise UserError(f"{spec.option} {spec.path}: module {name} is not a Linear layer of this DiT (wrong "
+                                "model or version?)")
+            if tuple(mod.weight.shape) != tuple(w.shape):
+                raise UserError(f"{spec.option} {spec.path}: module {name} is {tuple(w.shape)} but the DiT weight is "
+                                f"{tuple(mod.weight.shape)} (a LoRA for another model?)")
+            out.setdefault(name + ".weight", []).append((w, spec.multiplier))
+        logger.info("merging %s x %.3g while loading", spec.path, spec.multiplier)
+    return out
+
+
 def load_dit(
     path: str | os.PathLike,
     version: ModelVersion,
@@ -75,10 +110,13 @@ def load_dit(
     fp8_mode: str | None = None,
     compute_device: str | torch.device | None = None,
     check_config: Callable[[dict], None] | None = None,
+    loras: list[LoraMerge] | None = None,
 ) -> QwenImageTransformer2DModel:
     """fp8_mode ("tensor" = --fp8_base, "channel" / "block" = --fp8_scaled) quantises the Linear weights of the
     transformer blocks while they stream in (on compute_device), so the high-precision model never exists whole.
-    check_config(config) runs once the config is known from the header, before any weight is read."""
+    loras are merged into their weights as those stream in, before any quantisation (merging into fp8 weights
+    afterwards would lose the LoRA in the scale). check_config(config) runs once the config is known from the
+    header, before any weight is read."""
     info = expect(path, option, "dit", version)
     files, shapes = info.files, info.dit_shapes
     config = infer_dit_config(shapes)
@@ -99,8 +137,11 @@ def load_dit(
         model = QwenImageTransformer2DModel(**config)
     quantized = {n + ".weight": n for n, m in model.named_modules()
                  if fp8_mode and isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
+    merges = lora_merges(model, loras or [])
 
-    def quantize(key, t):
+    def transform(key, t):
+        for w, multiplier in merges.pop(key, []):
+            t = (t.float() + w.delta().to(t.device) * multiplier).to(t.dtype)
         if key not in quantized:
             return {key: t}
         from ..memory.fp8 import quantize_weight
@@ -109,7 +150,7 @@ def load_dit(
         return {key: q.to(device), quantized[key] + ".scale_weight": s.to(device)}
 
     state = load_tensors(files, dtype, device, key_map=strip_dit_prefix, disable_mmap=disable_mmap,
-                         transform=quantize if fp8_mode else None)
+                         transform=transform if (fp8_mode or merges) else None)
     if fp8_mode:
         from ..memory.fp8 import make_fp8_linear
 

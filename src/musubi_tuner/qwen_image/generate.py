@@ -23,7 +23,6 @@ from ..errors import UserError
 from ..fileio import check_writable_folder, save_image, save_safetensors
 from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
-from ..networks.lora_files import linear_module_names, load_lora, merge_lora
 from . import edit as E
 from . import latents as L
 from .denoise import predict_velocity
@@ -81,29 +80,40 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class TextEncoderSession:
+    """The text encoder with its processor, loaded once; prompt embeddings are cached per (text, images)."""
+
+    def __init__(self, args, version: ModelVersion, device, dtype, keep_on: torch.device | None = None):
+        self.device = torch.device("cpu") if args.text_encoder_cpu else device
+        te_dtype = torch.float32 if self.device.type == "cpu" else dtype
+        self.version = version
+        self.processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer,
+                                        args.text_encoder)
+        self.te = load_text_encoder(args.text_encoder, te_dtype, keep_on or self.device)
+        if getattr(args, "fp8_vl", False):
+            quantize_text_encoder(self.te, self.device)
+        self.cache: dict = {}
+
+    def encode(self, text: str, imgs: list) -> torch.Tensor:
+        key = (text, tuple(id(im) for im in imgs))
+        if key not in self.cache:
+            self.cache[key] = encode_prompts(self.te, self.processor, [text], self.version.template, self.device,
+                                             [imgs] if imgs and self.version.is_edit else None)[0].to("cpu",
+                                                                                                       torch.float32)
+        return self.cache[key]
+
+    def encode_spec(self, spec: GenerationSpec, imgs: list) -> Encoded:
+        neg = self.encode(negative_of(spec), imgs) if spec.guidance_scale != 1 else None
+        return Encoded(self.encode(spec.prompt, imgs), neg)
+
+
 def encode_all(specs: list[GenerationSpec], args, version: ModelVersion, device, dtype,
                images: list[list[Image.Image]] | None = None) -> list[Encoded]:
-    """Prompt (and negative prompt, when CFG is on) embeddings of every spec; each distinct text+images once."""
-    te_device = torch.device("cpu") if args.text_encoder_cpu else device
-    te_dtype = torch.float32 if te_device.type == "cpu" else dtype
-    processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer)
-    te = load_text_encoder(args.text_encoder, te_dtype, te_device)
-    if getattr(args, "fp8_vl", False):
-        quantize_text_encoder(te, te_device)
-    cache: dict = {}
-
-    def enc(text: str, imgs: list) -> torch.Tensor:
-        key = (text, tuple(id(im) for im in imgs))
-        if key not in cache:
-            cache[key] = encode_prompts(te, processor, [text], version.template, te_device,
-                                        [imgs] if imgs and version.is_edit else None)[0].to("cpu", torch.float32)
-        return cache[key]
-
-    out = []
-    for i, s in enumerate(specs):
-        imgs = images[i] if images else []
-        out.append(Encoded(enc(s.prompt, imgs), enc(negative_of(s), imgs) if s.guidance_scale != 1 else None))
-    te = None  # release the text encoder before the DiT is loaded
+    """Prompt (and negative prompt, when CFG is on) embeddings of every spec; each distinct text+images once; the
+    text encoder is released before the DiT loads."""
+    session = TextEncoderSession(args, version, device, dtype)
+    out = [session.encode_spec(s, images[i] if images else []) for i, s in enumerate(specs)]
+    del session
     free_memory()
     return out
 
@@ -146,9 +156,9 @@ def make_anchor(spec, job, a, noise, sigmas, latent_hw, debug_stem) -> E.Anchor 
     if a is None or job is None or job.first_control is None:
         return None
     rcm = spec.rcm_threshold
-    if not a.mask_path and rcm is None:
+    if not spec.mask_path and rcm is None:
         return None
-    mask = E.load_mask(a.mask_path, *latent_hw) if a.mask_path else None
+    mask = E.load_mask(spec.mask_path, *latent_hw) if spec.mask_path else None
     return E.Anchor(job.first_control.float(), noise.cpu(), sigmas, latent_hw, change_mask=mask,
                     rcm_threshold=rcm, rcm_relative=spec.rcm_relative, rcm_kernel_size=spec.rcm_kernel_size,
                     rcm_dilate_size=spec.rcm_dilate_size, debug_stem=debug_stem if a.rcm_debug_save else None)
@@ -212,7 +222,7 @@ def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[Generat
         prompt=args.prompt or "", negative_prompt=args.negative_prompt, height=h, width=w, steps=args.infer_steps,
         guidance_scale=args.guidance_scale, flow_shift=args.flow_shift, seed=args.seed,
         control_images=list(args.control_image_path or []), output_layers=args.output_layers,
-        rcm_threshold=args.rcm_threshold, rcm_relative=args.rcm_relative_threshold,
+        mask_path=args.mask_path, rcm_threshold=args.rcm_threshold, rcm_relative=args.rcm_relative_threshold,
         rcm_kernel_size=args.rcm_kernel_size, rcm_dilate_size=args.rcm_dilate_size,
     )
     check_spec(defaults)
@@ -221,7 +231,14 @@ def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[Generat
     elif args.prompt:
         specs = [defaults]
     else:
-        raise UserError("give --prompt TEXT or --from_file FILE (or --latent_path to decode saved latents)")
+        raise UserError("give --prompt TEXT, --from_file FILE or --interactive (or --latent_path to decode saved "
+                        "latents)")
+    return build_specs_from(args, version, specs)
+
+
+def build_specs_from(args: argparse.Namespace, version: ModelVersion, specs: list[GenerationSpec]
+                     ) -> list[GenerationSpec]:
+    """Version rules on each spec: sizes, layer counts, mask / RCM only for edit versions."""
     for s in specs:
         if not (version.is_edit or version.is_layered):
             if s.control_images:
@@ -231,14 +248,12 @@ def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[Generat
             L.check_image_size(s.height, s.width)
         if version.is_layered and not s.output_layers:
             s.output_layers = 4
-        if s.rcm_threshold is not None or args.mask_path:
+        if s.rcm_threshold is not None or s.mask_path:
             if not version.is_edit:
                 raise UserError("--mask_path / --rcm_threshold work only with an edit --model_version "
                                 "(edit, edit-2509, edit-2511)")
-            if s.rcm_threshold is not None and args.mask_path:
+            if s.rcm_threshold is not None and s.mask_path:
                 raise UserError("--mask_path and --rcm_threshold cannot be used together; choose one")
-    if args.mask_path and not Path(args.mask_path).is_file():
-        raise UserError(f"--mask_path: file not found: {args.mask_path}")
     return specs
 
 
@@ -258,7 +273,7 @@ def resolve_controls(specs: list[GenerationSpec], args, version: ModelVersion) -
             L.check_image_size(s.height, s.width)
             cmode = "image" if version.is_layered and mode == "native" and args.image_size is None else mode
             job.prepared = [E.prepare_control(c, cmode, (s.height, s.width)) for c in job.controls]
-            if (args.mask_path or s.rcm_threshold is not None) and job.prepared[0].size != (s.width, s.height):
+            if (s.mask_path or s.rcm_threshold is not None) and job.prepared[0].size != (s.width, s.height):
                 raise UserError(
                     f"--mask_path / RCM need the first control image at the output size {s.width}x{s.height}, but "
                     f"{s.control_images[0]} becomes {job.prepared[0].size[0]}x{job.prepared[0].size[1]}; pass "
@@ -299,8 +314,11 @@ def check_models(args, version: ModelVersion, needs_vae: bool) -> None:
 def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     device, dtype = compute_setup(args.device)
     vae_dtype = torch.float32 if device.type == "cpu" else dtype
+    if args.save_merged_model:
+        return [save_merged_model(args, version)]
+    if not args.save_path:
+        raise UserError("missing required option --save_path (the folder for the images / latents)")
     save_path = Path(args.save_path)
-
     check_writable_folder(save_path, "--save_path")
     if args.latent_path:
         if not args.vae:
@@ -313,6 +331,10 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
 
     check_attention(args.attn_mode)
     check_compile(args)
+    if args.interactive:
+        if args.from_file:
+            raise UserError("--interactive and --from_file cannot be used together")
+        return interactive(args, version, device, dtype)
     specs = build_specs(args, version)
     jobs = resolve_controls(specs, args, version)
     has_controls = any(j.prepared for j in jobs)
@@ -327,35 +349,114 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
         vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
         encode_controls(vae, jobs, version)
 
-    model, _ = load_dit_with_options(args, version, dtype, device)
+    model, _ = load_dit_with_options(args, version, dtype, device)  # merges --lora_weight as it loads
     set_attention(model, args.attn_mode)
-    names = linear_module_names(model)
-    multipliers = list(args.lora_multiplier or [1.0])
-    for i, lw in enumerate(args.lora_weight or []):
-        m = multipliers[i] if len(multipliers) > 1 else multipliers[0]
-        n = merge_lora(model, load_lora(lw, names), m)
-        logger.info("merged LoRA %s (%d modules) x %.3g", lw, n, m)
-
-    results = []
-    for i, job in enumerate(jobs):
-        spec = job.spec
-        t0 = time.perf_counter()
-        suffix = f"_{Path(spec.control_images[0]).stem}" if args.append_original_name and spec.control_images else ""
-        stem = output_stem(save_path, spec.resolved_seed(), i, len(jobs), suffix)
-        lat = denoise(model, spec, job.encoded, device, dtype, version, job, args, debug_stem=stem)
-        logger.info("sample %d/%d: seed %d, %dx%d, %d steps, %.2fs", i + 1, len(jobs), spec.seed, spec.width,
-                    spec.height, spec.steps, time.perf_counter() - t0)
-        results.append((lat[0], stem, spec))
+    results = [generate_job(model, job, i, len(jobs), args, version, device, dtype) for i, job in enumerate(jobs)]
     del model
     free_memory()
+    if decode_images:
+        vae = vae or load_vae(args.vae, vae_dtype, device, version.vae_channels)
+    return save_results(results, args, version, vae)
 
+
+def generate_job(model, job: Job, index: int, total: int, args, version: ModelVersion, device, dtype):
+    """Denoise one job -> (latent (16, F, h, w), output stem, spec)."""
+    spec = job.spec
+    t0 = time.perf_counter()
+    suffix = f"_{Path(spec.control_images[0]).stem}" if args.append_original_name and spec.control_images else ""
+    stem = output_stem(Path(args.save_path), spec.resolved_seed(), index, total, suffix)
+    lat = denoise(model, spec, job.encoded, device, dtype, version, job, args, debug_stem=stem)
+    logger.info("sample %d/%d: seed %d, %dx%d, %d steps, %.2fs", index + 1, total, spec.seed, spec.width,
+                spec.height, spec.steps, time.perf_counter() - t0)
+    return lat[0], stem, spec
+
+
+def save_results(results, args, version: ModelVersion, vae) -> list[Path]:
     saved = []
     if args.output_type in ("latent", "latent_images"):
         for lat, stem, spec in results:
             saved.append(save_safetensors({"latent": lat.contiguous()}, stem.with_name(stem.name + "_latent.safetensors"),
                                           spec_metadata(spec, version)))
             logger.info("saved %s", saved[-1])
-    if decode_images:
-        vae = vae or load_vae(args.vae, vae_dtype, device, version.vae_channels)
+    if args.output_type in ("images", "latent_images"):
         saved += decode_and_save(vae, [(lat, stem) for lat, stem, _ in results], args.vae_enable_tiling)
+    return saved
+
+
+def save_merged_model(args, version: ModelVersion) -> Path:
+    """--save_merged_model FILE: the DiT with the --lora_weight files merged (in the DiT file's precision, diffusers key
+    names, which also load in ComfyUI), written tensor by tensor; nothing is generated."""
+    from ..fileio import save_safetensors_streaming
+    from ..memory.placement import lora_merges_from_args
+    from .dit import load_dit
+
+    out = Path(args.save_merged_model)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--save_merged_model {out}: give a .safetensors file name")
+    check_writable_folder(out.parent, "--save_merged_model")
+    if not args.dit:
+        raise UserError("missing required option --dit")
+    info = expect(args.dit, "--dit", "dit", version)
+    for lw in args.lora_weight or []:
+        expect(lw, "--lora_weight", "lora", version)
+    if not args.lora_weight:
+        logger.warning("--save_merged_model without --lora_weight writes the DiT unchanged")
+    # in the DiT file's own precision (bf16 for the published files)
+    dtype = next((d for k, d in info.dtypes.items() if k.endswith("img_in.weight")), torch.bfloat16)
+    model = load_dit(args.dit, version, dtype, "cpu", loras=lora_merges_from_args(args))
+    sd = model.state_dict()
+    if version.zero_cond_t:
+        from .model_files import ZERO_COND_MARKER
+
+        sd = {**sd, ZERO_COND_MARKER: torch.tensor([])}
+    md = {"merged_from": Path(args.dit).name, "loras": "|".join(f"{Path(p).name}" for p in args.lora_weight or []),
+          "lora_multipliers": "|".join(str(m) for m in (args.lora_multiplier or [1.0])), "model_version": version.name}
+    save_safetensors_streaming(sd, out, md)
+    logger.info("saved merged model %s", out)
+    print(f"merged model written to {out}")
+    return out
+
+
+def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> list[Path]:
+    """--interactive: prompt lines from the console (the --from_file syntax), each generated and saved at once; the
+    models stay loaded (the text encoder waits in CPU memory while the DiT runs). Ctrl-D (EOF) ends; Ctrl-C stops
+    the current image only."""
+    from .prompts import LINE_NAMES, parse_prompt_line
+
+    defaults = build_specs(argparse.Namespace(**{**vars(args), "prompt": args.prompt or "-", "from_file": None}),
+                           version)[0]
+    check_models(args, version, True)
+    vae_dtype = torch.float32 if device.type == "cpu" else dtype
+    session = TextEncoderSession(args, version, device, dtype, keep_on=torch.device("cpu"))
+    vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
+    model, _ = load_dit_with_options(args, version, dtype, device)
+    set_attention(model, args.attn_mode)
+    saved: list[Path] = []
+    print("Interactive mode: enter a prompt (with --w --h --d --s --l --n --ci ... switches); Ctrl-D ends.")
+    while True:
+        try:
+            line = (read_line or input)("> ")
+        except EOFError:
+            print()
+            break
+        if not line.strip():
+            continue
+        try:
+            spec = parse_prompt_line(line, defaults, "prompt")
+            check_spec(spec, "prompt", LINE_NAMES)
+            one = argparse.Namespace(**{**vars(args), "prompt": spec.prompt, "from_file": None})
+            spec = build_specs_from(one, version, [spec])[0]
+            job = resolve_controls([spec], one, version)[0]
+            session.te.to(session.device)
+            job.encoded = session.encode_spec(spec, job.controls if job.prepared else [])
+            session.te.to("cpu")
+            free_memory()
+            if job.prepared:
+                encode_controls(vae, [job], version)
+            result = generate_job(model, job, 0, 1, args, version, device, dtype)
+            saved += save_results([result], args, version, vae)
+        except UserError as e:
+            print(f"error: {e}")
+        except KeyboardInterrupt:
+            print("\ninterrupted; enter another prompt (Ctrl-D ends)")
     return saved

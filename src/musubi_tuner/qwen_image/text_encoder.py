@@ -163,22 +163,90 @@ def vl_image_size(size: tuple[int, int], template: str) -> tuple[int, int]:
     return round(width / 32) * 32, round(width / ratio / 32) * 32
 
 
+HUB_PROCESSOR = ("Qwen/Qwen-Image-Edit", "processor")
+
+
+def processor_settings(folder: Path) -> dict | None:
+    """The image-processor settings a model folder holds: `preprocessor_config.json` (flat), or the nested
+    `image_processor` of `processor_config.json` (what transformers 5 writes)."""
+    import json
+
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{f}: invalid JSON ({e})") from None
+        if name == "processor_config.json":
+            data = data.get("image_processor") if isinstance(data.get("image_processor"), dict) else None
+        if data:
+            return data
+    return None
+
+
+def processor_folders(tokenizer_path: str | None, text_encoder_path: str | None) -> list[Path]:
+    """Where processor settings are looked for: --tokenizer, then beside the text encoder (as for the tokenizer)."""
+    out = []
+    if tokenizer_path:
+        t = Path(tokenizer_path)
+        out += [t, t / "processor"]
+    if text_encoder_path:
+        te = Path(text_encoder_path)
+        d = te if te.is_dir() else te.parent
+        out += [d, d / "processor", d / "tokenizer", d.parent / "processor", d.parent / "tokenizer"]
+    return [p for p in out if p.is_dir()]
+
+
+def image_processor_class():
+    """transformers' Qwen2-VL image processor: the torchvision backend (what AutoProcessor, and so the reference
+    pipelines, use when torchvision is installed), else the PIL backend (resizing differs slightly)."""
+    try:
+        import torchvision  # noqa: F401
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
+
+
 class VLProcessor:
-    """Tokenizer + Qwen2-VL image processor (PIL backend, so no torchvision): builds the model inputs exactly as the
-    Qwen2-VL processor does, expanding each <|image_pad|> to the image's merged patch count."""
+    """Tokenizer + Qwen2-VL image processor (works without torchvision, unlike transformers' Qwen2VLProcessor): builds
+    the model inputs exactly as the Qwen2-VL processor does, expanding each <|image_pad|> to the image's merged patch
+    count.
+
+    The image-processor settings (pixel limits, normalisation) come from the model folder (`--tokenizer`, or beside
+    the text encoder), else from the hub's Qwen/Qwen-Image-Edit processor, as the reference pipelines use them."""
 
     image_token = "<|image_pad|>"
 
-    def __init__(self, tokenizer, image_processor=None):
+    def __init__(self, tokenizer, image_processor=None, settings_from: list[Path] | None = None):
         self.tokenizer = tokenizer
         self._image_processor = image_processor
+        self._settings_from = settings_from or []
 
     @property
     def image_processor(self):
         if self._image_processor is None:  # only edit prompts need it
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-            self._image_processor = Qwen2VLImageProcessorPil()
+            cls = image_processor_class()
+            for folder in self._settings_from:
+                settings = processor_settings(folder)
+                if settings is not None:
+                    self._image_processor = cls.from_dict(settings)
+                    logger.info("image processor settings from %s", folder)
+                    break
+            else:
+                repo, sub = HUB_PROCESSOR
+                try:
+                    self._image_processor = cls.from_pretrained(repo, subfolder=sub)
+                except Exception as e:
+                    raise UserError(
+                        f"edit prompts need the Qwen2.5-VL image processor settings: none beside the text encoder or "
+                        f"in --tokenizer, and the hub ({repo}, subfolder {sub}) is not reachable ({type(e).__name__}). "
+                        f"Download that folder once and pass --tokenizer /path/to/it") from None
         return self._image_processor
 
     def __call__(self, text: list[str] | str, images: list | None = None, max_length: int | None = None, **_):
@@ -204,14 +272,10 @@ class VLProcessor:
         return BatchFeature({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **extra})
 
 
-def load_processor(tokenizer, tokenizer_path: str | None = None) -> VLProcessor:
-    """The processor settings from --tokenizer's preprocessor_config.json when present, else Qwen2-VL defaults."""
-    image_processor = None
-    if tokenizer_path and (Path(tokenizer_path) / "preprocessor_config.json").exists():
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(tokenizer_path)
-    return VLProcessor(tokenizer, image_processor)
+def load_processor(tokenizer, tokenizer_path: str | None = None, text_encoder_path: str | None = None) -> VLProcessor:
+    """Tokenizer plus the image processor whose settings are found as `VLProcessor` describes (read lazily: only edit
+    prompts need them)."""
+    return VLProcessor(tokenizer, settings_from=processor_folders(tokenizer_path, text_encoder_path))
 
 
 @torch.no_grad()

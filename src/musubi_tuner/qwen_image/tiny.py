@@ -99,4 +99,26 @@ def write_tiny_models(folder: str | Path, version: ModelVersion = VERSIONS["orig
     save_safetensors(sd, paths["text_encoder"])
     tok.save_pretrained(paths["tokenizer"])
     te.config.save_pretrained(paths["tokenizer"])
+    write_processor_config(paths["tokenizer"])
     return paths
+
+
+# Not the Qwen2-VL defaults, so that tests see whether the settings of the model folder are the ones used.
+TINY_IMAGE_PROCESSOR = {
+    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.5, 0.45, 0.4], "image_std": [0.25, 0.27, 0.3], "image_processor_type": "Qwen2VLImageProcessor",
+    "merge_size": 2, "patch_size": 14, "resample": 3, "rescale_factor": 1 / 255, "temporal_patch_size": 2,
+    "size": {"longest_edge": 3600, "shortest_edge": 784},
+}
+
+
+def write_processor_config(folder: Path) -> None:
+    """processor_config.json in the layout transformers 5 writes (image processor nested), so the folder loads with
+    transformers' AutoProcessor as well as here."""
+    import json
+
+    video = {k: v for k, v in TINY_IMAGE_PROCESSOR.items() if k != "image_processor_type"}
+    video.update(video_processor_type="Qwen2VLVideoProcessor", size={"longest_edge": 602112, "shortest_edge": 100352})
+    (Path(folder) / "processor_config.json").write_text(json.dumps(
+        {"image_processor": TINY_IMAGE_PROCESSOR, "processor_class": "Qwen2VLProcessor", "video_processor": video},
+        indent=2))

@@ -81,6 +81,12 @@ class FullMode(Mode):
     def dit_dtype(self, args) -> torch.dtype:
         return torch.bfloat16 if args.full_bf16 else torch.float32
 
+    def validate(self, args, version) -> None:
+        if args.scale_weight_norms:
+            raise UserError("--scale_weight_norms applies to LoRA networks (qwen_image_train_network.py), not to full "
+                            "finetuning")
+        self.version = version
+
     def setup(self, transformer, args) -> list[dict]:
         self.sharded = bool(getattr(args, "fsdp", False))
         if self.sharded:
@@ -182,6 +188,11 @@ class FullMode(Mode):
                 return path
         else:
             sd = self.model.state_dict()
+        if getattr(self, "version", None) is not None and self.version.zero_cond_t:
+            # the Edit-2511 marker of ComfyUI files, so other tools load the result as Edit-2511 (ours drops it)
+            from ..qwen_image.model_files import ZERO_COND_MARKER
+
+            sd = {**sd, ZERO_COND_MARKER: torch.tensor([])}
         if self.args.mem_eff_save:
             return save_safetensors_streaming(sd, path, metadata, dtype)
         if dtype is not None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..networks.lora_files import linear_module_names, load_lora, merge_lora
 from .optim import parse_kv
 from .trainer import Mode
 
@@ -40,14 +39,6 @@ def _call(fn, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if k in sig.parameters})
 
 
-def weights_hash(sd: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        h.update(k.encode())
-        h.update(sd[k].detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 class LoraMode(Mode):
     name = "lora"
     script = "qwen_image_train_network.py"
@@ -59,10 +50,6 @@ class LoraMode(Mode):
             raise UserError(f"--network_dim {args.network_dim} must be at least 1")
         if args.network_weights:
             expect(args.network_weights, "--network_weights", "lora", version)
-        for bw in args.base_weights or []:
-            expect(bw, "--base_weights", "lora", version)
-        if args.base_weights_multiplier and len(args.base_weights_multiplier) not in (1, len(args.base_weights or [])):
-            raise UserError("--base_weights_multiplier: give one value or one per --base_weights")
 
     def resume_settings(self, args) -> dict:
         return {"--network_module": args.network_module}
@@ -75,13 +62,7 @@ class LoraMode(Mode):
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
 
     def setup(self, transformer, args) -> list[dict]:
-        transformer.requires_grad_(False)
-        names = linear_module_names(transformer)
-        for i, bw in enumerate(args.base_weights or []):
-            mults = args.base_weights_multiplier or [1.0]
-            m = mults[i] if i < len(mults) else mults[-1]
-            merge_lora(transformer, load_lora(bw, names, "--base_weights"), m)
-            logger.info("merged base weights %s x %s", bw, m)
+        transformer.requires_grad_(False)  # --base_weights were merged while the DiT loaded (placement)
         module = import_network_module(args.network_module)
         net_kwargs = {k: str(v) for k, v in parse_kv(args.network_args, "--network_args").items()}
         if args.network_weights and hasattr(module, "create_network_from_weights") and args.dim_from_weights:
@@ -112,16 +93,22 @@ class LoraMode(Mode):
         self.metadata = {
             "ss_network_module": args.network_module, "ss_network_dim": str(args.network_dim),
             "ss_network_alpha": str(args.network_alpha), "ss_network_dropout": str(args.network_dropout),
-            "ss_network_args": str(net_kwargs) if net_kwargs else "",
         }
-        if args.training_comment:
-            self.metadata["ss_training_comment"] = args.training_comment
+        if net_kwargs:
+            self.metadata["ss_network_args"] = json.dumps(net_kwargs)
         return groups
+
+    def after_step(self, args, device) -> dict:
+        if not args.scale_weight_norms:
+            return {}
+        if not hasattr(self.network, "apply_max_norm_regularization"):
+            return {}
+        scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(args.scale_weight_norms, device)
+        return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm}
 
     def trainable_module(self) -> torch.nn.Module:
         return self.network
 
     def save(self, path: Path, dtype, metadata) -> Path:
-        md = {**metadata, "sshs_model_hash": weights_hash(self.network.state_dict())}
-        self.network.save_weights(str(path), dtype, md)
+        self.network.save_weights(str(path), dtype, metadata)  # our networks add the kohya model hashes (sshs_*)
         return path

@@ -7,7 +7,7 @@ import torch
 from ..qwen_image import latents as L
 from ..qwen_image.denoise import predict_velocity
 from ..qwen_image.versions import ModelVersion
-from .timesteps import loss_weight, sample_t
+from .timesteps import loss_weight, sample_t, stratum, timestep_options
 
 
 def split_layered(latents: torch.Tensor, remove_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,11 +37,12 @@ def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generato
         refs = [cond]
     b, _, frames, h, w = x0.shape
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
-    t = torch.cat([sample_t(args.timestep_sampling, 1, g, shift=args.discrete_flow_shift,
-                            sigmoid_scale=args.sigmoid_scale, logit_mean=args.logit_mean, logit_std=args.logit_std,
-                            mode_scale=args.mode_scale, weighting_scheme=args.weighting_scheme,
-                            image_seq_len=(h // 2) * (w // 2), min_timestep=args.min_timestep,
-                            max_timestep=args.max_timestep) for g in generators])
+    buckets = getattr(args, "num_timestep_buckets", None)
+    ordinals = batch.get("ordinals") or [None] * b
+    options = timestep_options(args, (h // 2) * (w // 2))
+    t = torch.cat([sample_t(args.timestep_sampling, 1, g, **options,
+                            strata=[stratum(args.seed, o, buckets)] if buckets and buckets > 1 and o is not None
+                            else None) for g, o in zip(generators, ordinals)])
     tt = t.view(b, 1, 1, 1, 1)
     noisy = L.pack((1 - tt) * x0 + tt * noise).to(device)
     target = L.pack(noise - x0).to(device)

@@ -68,12 +68,13 @@ def _remove(p: Path) -> None:
     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
-def prune(output_dir: Path, output_name: str, kind: str, keep_from: int) -> None:
-    """Delete epoch (kind='epoch') or step checkpoints (files and -state folders) of this name numbered below
-    keep_from."""
+def prune(output_dir: Path, output_name: str, kind: str, keep_from: int, which: str = "both") -> None:
+    """Delete epoch (kind='epoch') or step checkpoints of this name numbered below keep_from: weight files, -state
+    folders or both (which = weights | states | both)."""
     for p in Path(output_dir).iterdir():
         parsed = parse_checkpoint(p.name, output_name)
-        if parsed and parsed[0] == kind and parsed[1] < keep_from:
+        if parsed and parsed[0] == kind and parsed[1] < keep_from and \
+                which in ("both", "states" if parsed[2] else "weights"):
             _remove(p)
 
 

@@ -31,7 +31,7 @@ def plan_samples(args, version: ModelVersion) -> list[Job]:
     defaults = GenerationSpec(prompt="", height=None if (version.is_edit or version.is_layered) else 256,
                               width=None if (version.is_edit or version.is_layered) else 256, steps=20,
                               guidance_scale=4.0, seed=42)
-    specs = read_prompt_file(args.sample_prompts, defaults)
+    specs = read_prompt_file(args.sample_prompts, defaults, training=True)
     for s in specs:
         if version.is_layered and not s.output_layers:
             s.output_layers = 4

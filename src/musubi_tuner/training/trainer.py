@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from .checkpoints import (
 )
 from .interrupt import StopRequest
 from .loss import flow_matching_loss, sample_generators
+from .metadata import modelspec, training_metadata, weights_metadata
 from .optim import build_optimizer, build_scheduler
 from .outputs import (
     LossLog, RunLock, checkpoint_name, existing_outputs, keep_copy, loss_log_path, prune, remove_leftovers,
@@ -90,6 +90,10 @@ class Mode:
     def extension(self) -> str:
         return ".safetensors"
 
+    def after_step(self, args, device) -> dict:
+        """After each optimizer step (LoRA: --scale_weight_norms); returns values to log."""
+        return {}
+
     def attach_optimizer(self, optimizer, params) -> None:
         """Called once the optimizer exists (full finetuning hooks the fused backward pass here)."""
 
@@ -132,8 +136,9 @@ def check_ranges(args) -> None:
 
 @dataclass
 class Checked:
-    """What validate() found: the cached items and the planned sample jobs."""
+    """What validate() found: the dataset configs, the cached items and the planned sample jobs."""
 
+    configs: list
     cached: list
     sample_jobs: list | None
 
@@ -148,6 +153,10 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     if args.remove_first_image_from_target and not version.is_layered:
         raise UserError("--remove_first_image_from_target only applies to --model_version layered")
     check_ranges(args)
+    for bw in args.base_weights or []:
+        expect(bw, "--base_weights", "lora", version)
+    if args.base_weights_multiplier and len(args.base_weights_multiplier) not in (1, len(args.base_weights or [])):
+        raise UserError("--base_weights_multiplier: give one value or one per --base_weights")
     mode.validate(args, version)
     check_attention(*attention_mode(args))
     check_compile(args)
@@ -157,8 +166,9 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
         from .sampling import plan_samples
 
         jobs = plan_samples(args, version)
-    items = collect_items(load_dataset_config(args.dataset_config), version)
-    return Checked(check_caches(items, version, args.vae, args.text_encoder), jobs)
+    configs = load_dataset_config(args.dataset_config)
+    items = collect_items(configs, version)
+    return Checked(configs, check_caches(items, version, args.vae, args.text_encoder), jobs)
 
 
 def resume_check(args, mode: Mode, version: ModelVersion, total_steps: int) -> int | None:
@@ -224,18 +234,35 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
     version = opts.version_from_args(args)
+    if args.show_timesteps:
+        from .timesteps import show_timesteps
+
+        check_ranges(args)
+        show_timesteps(args, args.show_timesteps, args.output_dir or ".")
+        return {}
     checked = validate(args, version, mode)
+    if args.cuda_allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.cuda_cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     output_dir = Path(args.output_dir)
     logging_dir = Path(args.logging_dir) if args.logging_dir else output_dir / "logs"
     if not torch.distributed.is_initialized():  # a new run in the same process (library use) gets a fresh state
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+    handlers = []
+    if args.ddp_timeout:
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.log_with is None else ([args.log_with] if args.log_with != "all" else "all"),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
-        cpu=args.device == "cpu" or not torch.cuda.is_available(),
+        cpu=args.device == "cpu" or not torch.cuda.is_available(), kwargs_handlers=handlers,
     )
     if accelerator.distributed_type == DistributedType.FSDP:  # an accelerate config with distributed_type: FSDP
         if mode.name != "full":
@@ -284,7 +311,9 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
 
     optimizer = build_optimizer(args.optimizer_type, groups, args.learning_rate, args.optimizer_args)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, total_steps, args.lr_warmup_steps,
-                                args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_min_lr_ratio)
+                                args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_min_lr_ratio,
+                                args.lr_decay_steps, args.lr_scheduler_timescale, args.lr_scheduler_type,
+                                args.lr_scheduler_args, args.learning_rate)
     mode.attach_optimizer(optimizer, params)
     state = TrainState()
     if args.resume:
@@ -299,8 +328,15 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
 
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(f"{args.log_prefix}{mode.name}", config=config)
-    metadata = training_metadata(args, version, mode, checked.cached, total_steps)
+        if args.log_config:
+            logger.info("options: %s", json.dumps(config, sort_keys=True))
+        init = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
+        accelerator.init_trackers(args.log_tracker_name or f"{args.log_prefix}{mode.name}", config=config,
+                                  init_kwargs=init)
+    steps_per_epoch = math.ceil(len(dataset) / ga)
+    metadata = training_metadata(args, version, mode, checked.cached, checked.configs, total_steps, steps_per_epoch,
+                                 num_epochs)
+    spec = modelspec(args, version, mode.name == "lora", checked.configs[0].resolution)
     settings = {"training script": mode.script, "--model_version": version.name,
                 "--optimizer_type": args.optimizer_type, **mode.resume_settings(args)}
 
@@ -318,7 +354,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
         """Weights (main process; a collective under FSDP) and optionally the resumable state."""
         path = output_dir / (name + mode.extension())
         if weights and (accelerator.is_main_process or mode.sharded):
-            md = {**metadata, "ss_steps": str(at.state.global_step), "ss_epoch": str(epoch_number(at.state))}
+            md = weights_metadata(metadata, args, at.state.global_step, epoch_number(at.state), spec)
             mode.save(path, save_dtype(args.save_precision), md)
             if accelerator.is_main_process:
                 logger.info("saved %s", path)
@@ -378,6 +414,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
+                    step_logs = mode.after_step(args, device)
                     state.global_step += 1
                     state.batch = micro
                     updating = False
@@ -386,7 +423,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                     lr = scheduler.get_last_lr()[0]
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}")
-                    accelerator.log({"loss/current": step_loss, "lr": lr, "epoch": epoch + 1}, step=state.global_step)
+                    accelerator.log({"loss/current": step_loss, "lr": lr, "epoch": epoch + 1, **step_logs},
+                                    step=state.global_step)
                     if loss_log is not None:
                         loss_log.append({"step": state.global_step, "epoch": epoch + 1, "loss": f"{step_loss:.6f}",
                                          "lr": f"{lr:.6g}"})
@@ -394,8 +432,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                     if args.save_every_n_steps and state.global_step % args.save_every_n_steps == 0 \
                             and state.global_step < total_steps:
                         save(checkpoint_name(args.output_name, step=state.global_step), last, args.save_state)
-                        if args.save_last_n_steps and accelerator.is_main_process:
-                            prune(output_dir, args.output_name, "step", state.global_step - args.save_last_n_steps + 1)
+                        if accelerator.is_main_process:
+                            prune_old(args, output_dir, "step", state.global_step + 1)
                     if stop.agreed(accelerator.num_processes, device):
                         raise Stopped
                     if sampler and args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0:
@@ -409,8 +447,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                 last = boundary()
                 if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and epoch + 1 < num_epochs:
                     save(checkpoint_name(args.output_name, epoch=epoch + 1), last, args.save_state)
-                    if args.save_last_n_epochs and accelerator.is_main_process:
-                        prune(output_dir, args.output_name, "epoch", epoch + 2 - args.save_last_n_epochs)
+                    if accelerator.is_main_process:
+                        prune_old(args, output_dir, "epoch", epoch + 2)
                 if stop.agreed(accelerator.num_processes, device):
                     raise Stopped
                 if sampler and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
@@ -478,6 +516,19 @@ def _stop_and_save(error: BaseException, stop: StopRequest, args, mode: Mode, ac
     raise SystemExit(1) from None
 
 
+def prune_old(args, output_dir: Path, kind: str, upto: int) -> None:
+    """--save_last_n_steps / --save_last_n_epochs (weights) and their _state variants (states; default: the same)."""
+    if kind == "step":
+        n_weights, n_states, unit = args.save_last_n_steps, args.save_last_n_steps_state, 1
+    else:  # epochs: the last n saved ones
+        n_weights, n_states, unit = args.save_last_n_epochs, args.save_last_n_epochs_state, args.save_every_n_epochs or 1
+    n_states = n_states or n_weights
+    if n_weights:
+        prune(output_dir, args.output_name, kind, upto - n_weights * unit, "weights")
+    if n_states:
+        prune(output_dir, args.output_name, kind, upto - n_states * unit, "states")
+
+
 class Trace:
     """With MUSUBI_TUNER_TRACE_DIR set, each process writes the items it trained on and a checksum of its trainable
     weights (used by the multi-process tests; costs nothing otherwise)."""
@@ -512,23 +563,3 @@ def sync_gradients(accelerator, params: list[torch.Tensor]) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         p.grad /= accelerator.num_processes
-
-
-def training_metadata(args, version: ModelVersion, mode: Mode, cached, total_steps: int) -> dict[str, str]:
-    datasets = {}
-    for c in cached:
-        d = datasets.setdefault(str(c.dataset), {"images": 0, "num_repeats": c.num_repeats, "batch_size": c.batch_size})
-        d["images"] += 1
-    return {
-        "ss_training_started_at": str(int(time.time())), "ss_base_model_version": f"qwen_image_{version.name}",
-        "ss_model_version": version.name, "ss_training_mode": mode.name,
-        "ss_dit": Path(args.dit).name, "ss_num_train_images": str(len(cached)), "ss_dataset": json.dumps(datasets),
-        "ss_timestep_sampling": args.timestep_sampling, "ss_discrete_flow_shift": str(args.discrete_flow_shift),
-        "ss_weighting_scheme": args.weighting_scheme, "ss_learning_rate": str(args.learning_rate),
-        "ss_optimizer": args.optimizer_type + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
-        "ss_lr_scheduler": args.lr_scheduler, "ss_seed": str(args.seed), "ss_mixed_precision": args.mixed_precision,
-        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
-        "ss_max_train_steps": str(total_steps), "ss_max_train_epochs": str(args.max_train_epochs),
-        "ss_remove_first_image_from_target": str(bool(args.remove_first_image_from_target)),
-        **getattr(mode, "metadata", {}),
-    }

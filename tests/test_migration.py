@@ -1,0 +1,476 @@
+"""Coming from musubi-tuner: its caches, config files, prompt files, options, network modules and metadata carry over.
+
+Each test states the musubi-tuner behaviour it checks (from its code, snapshot in FACTS.md)."""
+
+import io
+import json
+import math
+import shutil
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cached_dataset, train_args
+from test_timesteps_optim import _lrs
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from musubi_tuner.dataset.config import load_dataset_config
+from musubi_tuner.dataset.items import collect_items
+from musubi_tuner.dataset.prepare import prepare_item
+from musubi_tuner.errors import UserError
+from musubi_tuner.qwen_image.prompts import GenerationSpec, read_prompt_file
+from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.qwen_image_cache_latents import main as cache_latents_main
+from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_te_main
+from musubi_tuner.qwen_image_generate_image import main as generate_main
+from musubi_tuner.qwen_image_train import main as full_main
+from musubi_tuner.qwen_image_train_network import main as train_main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_cached_dataset(tmp_path_factory.mktemp("mig"), "original", n=4, batch_size=1)
+
+
+def run(data, out, *extra, steps=2, main=train_main):
+    models, toml = data
+    return main(train_args(models, toml, out, "original", "--max_train_steps", str(steps), "--learning_rate", "1e-2",
+                           *extra))
+
+
+# caches -----------------------------------------------------------------------------------------------------------
+
+def to_musubi(cache_dir: Path, dtype=torch.bfloat16) -> dict[str, bytes]:
+    """Rewrite our caches as musubi-tuner writes them: same names, its tensor keys in its dtype, only its metadata."""
+    originals = {}
+    for f in sorted(cache_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            md, tensors = sf.metadata(), {k: sf.get_tensor(k) for k in sf.keys()}
+        if f.name.endswith("_te.safetensors"):
+            (k, v), = tensors.items()
+            tensors = {f"varlen_vl_embed_{str(dtype)[6:]}": v.to(dtype)}
+            meta = {"architecture": "qwen_image", "caption1": md["caption1"], "format_version": "1.0.1"}
+        else:
+            tensors = {k.rsplit("_", 1)[0] + f"_{str(dtype)[6:]}": v.to(dtype) for k, v in tensors.items()}
+            meta = {"architecture": "qwen_image", "width": md["width"], "height": md["height"], "format_version": "1.0.1"}
+        save_file(tensors, str(f), metadata=meta)
+        originals[f.name] = f.read_bytes()
+    return originals
+
+
+@pytest.mark.parametrize("version", ["original", "edit-2509"])
+def test_musubi_cache_set_trains_and_is_never_overwritten(tmp_path, version):
+    models, toml = make_cached_dataset(tmp_path, version, n=2, batch_size=1)
+    cache = tmp_path / "cache"
+    originals = to_musubi(cache)
+    assert all("latents_" in k or "varlen" in k for f in cache.glob("*.safetensors") for k in load_file(str(f)))
+    r = train_main(train_args(models, toml, tmp_path / "out", version, "--max_train_steps", "2"))
+    assert r["steps"] == 2 and all(math.isfinite(x) for x in r["losses"])
+    # a foreign file that no item uses (musubi writes caches of images that were later removed) is kept
+    stray = cache / "removed_0064x0064_" f"{VERSIONS[version].arch_tag}.safetensors"
+    shutil.copy(next(cache.glob(f"*_{VERSIONS[version].arch_tag}.safetensors")), stray)
+    common = ["--dataset_config", str(toml), "--model_version", version, "--device", "cpu"]
+    for extra in (["--skip_existing"], []):
+        lat = cache_latents_main(common + ["--vae", str(models["vae"]), *extra])
+        te = cache_te_main(common + ["--text_encoder", str(models["text_encoder"]), *extra])
+        assert lat["foreign"] == 2 and te["foreign"] == 2 and lat["cached"] == te["cached"] == 0
+        assert {f.name: f.read_bytes() for f in cache.glob("*.safetensors") if f != stray} == originals
+        assert stray.exists()
+
+
+def test_foreign_cache_that_does_not_fit_is_an_error_not_an_overwrite(tmp_path, capsys):
+    models, toml = make_cached_dataset(tmp_path, "original", n=2, batch_size=1)
+    cache = tmp_path / "cache"
+    to_musubi(cache)
+    (tmp_path / "data" / "img000.txt").write_text("a caption musubi never saw")
+    te_file = cache / "img000_qi_te.safetensors"
+    before = te_file.read_bytes()
+    with pytest.raises(SystemExit):
+        cache_te_main(["--dataset_config", str(toml), "--text_encoder", str(models["text_encoder"]), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "img000_qi_te.safetensors was not written by this tool" in err and "delete it" in err
+    assert te_file.read_bytes() == before
+    with pytest.raises(SystemExit):
+        train_main(train_args(models, toml, tmp_path / "o", "original", "--max_train_steps", "1"))
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_edit_2509_cache_serves_2511(tmp_path, capsys):
+    models, toml = make_cached_dataset(tmp_path, "edit-2509", n=2, batch_size=1)
+    common = ["--dataset_config", str(toml), "--model_version", "edit-2511", "--device", "cpu", "--skip_existing"]
+    assert cache_latents_main(common + ["--vae", str(models["vae"])])["skipped"] == 2
+    assert cache_te_main(common + ["--text_encoder", str(models["text_encoder"])])["skipped"] == 2
+
+
+# --config_file ----------------------------------------------------------------------------------------------------
+
+def test_config_file_values_tables_and_command_line_precedence(tmp_path, data, caplog):
+    models, toml = data
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text(f'dit = "{models["dit"]}"\nvae = "{models["vae"]}"\ntext_encoder = "{models["text_encoder"]}"\n'
+                   f'[training]\ndataset_config = "{toml}"\noutput_dir = "{tmp_path / "o"}"\noutput_name = "fromfile"\n'
+                   'max_train_steps = 3\nlearning_rate = 0.01\nnetwork_dim = 8\n'
+                   'optimizer_args = ["weight_decay=0.0"]\ngradient_checkpointing = true\nnot_an_option = 1\n'
+                   '[other]\ndevice = "cpu"\nmax_data_loader_n_workers = 0\n')
+    r = train_main(["--config_file", str(tmp_path / "settings"), "--max_train_steps", "2"])  # .toml appended
+    assert r["steps"] == 2 and r["final"].name == "fromfile.safetensors"
+    assert load_file(str(r["final"]))[next(k for k in load_file(str(r["final"])) if "lora_down" in k)].shape[0] == 8
+    assert "ignoring unknown option(s) not_an_option" in caplog.text
+    cfg.write_text('network_dim = "eight"\n')
+    with pytest.raises(SystemExit):
+        train_main(["--config_file", str(cfg)])
+
+
+# prompt files ------------------------------------------------------------------------------------------------------
+
+def test_prompt_line_switches_as_musubi(tmp_path, caplog):
+    mask = tmp_path / "m.png"
+    Image.new("L", (16, 16)).save(mask)
+    f = tmp_path / "p.txt"
+    f.write_text(f"a cat --rcm_th 0.3 --rcm_rel_th 1 --W 64 --H 32 --m {mask} --i other.png --cn x\n"
+                 "a dog --rcm_th 0.05 --rcm_rel_th\na cow --rcm_th 0.05 --rcm_rel_th no --g 6 --l 2.5\n")
+    a, b, c = read_prompt_file(f, GenerationSpec(prompt=""))
+    assert (a.rcm_threshold, a.rcm_relative, a.width, a.height, a.mask_path) == (0.3, True, 64, 32, str(mask))
+    assert b.rcm_relative and not c.rcm_relative and c.guidance_scale == 2.5
+    assert "--i is not an option" in caplog.text and "--cn is not an option" in caplog.text
+    # in sample prompts of training, --g is other models' embedded guidance: ignored, --l is CFG (musubi-tuner)
+    caplog.clear()
+    g_only = tmp_path / "g.txt"
+    g_only.write_text("a cow --g 6\n")
+    assert read_prompt_file(g_only, GenerationSpec(prompt="", guidance_scale=4.0), training=True)[0].guidance_scale == 4.0
+    assert read_prompt_file(g_only, GenerationSpec(prompt="", guidance_scale=4.0))[0].guidance_scale == 6.0
+    assert "--g (embedded guidance" in caplog.text
+
+
+def test_toml_and_json_prompt_files(tmp_path):
+    toml = tmp_path / "p.toml"
+    toml.write_text('[prompt]\nwidth = 64\nheight = 48\nsample_steps = 5\ncfg_scale = 3.0\n'
+                    '[[prompt.subset]]\nprompt = "a red circle"\nseed = 1\n'
+                    '[[prompt.subset]]\nprompt = "a blue square"\nwidth = 32\ndiscrete_flow_shift = 2.0\n')
+    a, b = read_prompt_file(toml, GenerationSpec(prompt=""), training=True)
+    assert (a.prompt, a.width, a.height, a.steps, a.guidance_scale, a.seed) == ("a red circle", 64, 48, 5, 3.0, 1)
+    assert (b.prompt, b.width, b.flow_shift) == ("a blue square", 32, 2.0)
+    js = tmp_path / "p.json"
+    js.write_text(json.dumps(["a green cat --w 32 --h 32", {"prompt": "a dog", "height": 64, "width": 64,
+                                                            "negative_prompt": "blurry"}]))
+    c, d = read_prompt_file(js, GenerationSpec(prompt=""))
+    assert (c.prompt, c.width) == ("a green cat", 32) and (d.prompt, d.negative_prompt) == ("a dog", "blurry")
+    js.write_text(json.dumps([{"prompt": "x", "width": 60}]))
+    with pytest.raises(UserError, match="width 60 must be a positive multiple of 16"):
+        read_prompt_file(js, GenerationSpec(prompt=""))
+
+
+# dataset config ---------------------------------------------------------------------------------------------------
+
+def test_dataset_config_musubi_forms(tmp_path, caplog):
+    img, ctrl = tmp_path / "img", tmp_path / "ctrl"
+    img.mkdir()
+    ctrl.mkdir()
+    Image.new("RGB", (64, 64)).save(img / "a.png")
+    (img / "a.txt").write_text("x")
+    Image.new("RGB", (200, 100)).save(ctrl / "a.png")  # larger than the control area: resized to it
+    Image.new("RGB", (40, 52)).save(ctrl / "a_1.png")  # smaller: native size, cropped to multiples of 16
+    cfg = {"general": {"resolution": 100, "enable_bucket": True, "fp_latent_window_size": 9},
+           "datasets": [{"image_directory": str(img), "control_directory": str(ctrl), "no_resize_control": True,
+                         "control_resolution": [64, 64], "fp_1f_clean_indices": [0]},
+                        {"video_directory": str(img), "target_frames": [1, 25]}]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(cfg))
+    configs = load_dataset_config(path)
+    assert len(configs) == 1 and configs[0].resolution == (100, 100)
+    assert "fp_latent_window_size is a key of other architectures" in caplog.text and "video dataset" in caplog.text
+    item = collect_items(configs, VERSIONS["edit-2509"])[0]
+    sizes = [c.size for c in prepare_item(item, VERSIONS["edit-2509"]).control_images]
+    assert sizes[1] == (32, 48) and sizes[0][0] * sizes[0][1] <= 64 * 64 and sizes[0][0] > sizes[0][1]
+    assert all(v % 16 == 0 for s in sizes for v in s)
+    path.write_text(json.dumps({"datasets": [{"image_directory": str(img), "resolution": 100,
+                                              "enable_bucket": False}]}))
+    with pytest.raises(UserError, match="multiples of 16 without enable_bucket"):
+        load_dataset_config(path)
+
+
+# LoRA patterns, LoHa, LoKr ----------------------------------------------------------------------------------------
+
+def test_network_patterns_are_full_matches():
+    from musubi_tuner.networks.lora_qwen_image import create_network
+    from musubi_tuner.qwen_image.tiny import tiny_dit
+
+    total = len(create_network(1.0, 4, 4, None, None, tiny_dit()).unet_loras)
+    assert len(create_network(1.0, 4, 4, None, None, tiny_dit(), exclude_patterns="['.*attn']").unet_loras) == total
+    no_attn = create_network(1.0, 4, 4, None, None, tiny_dit(), exclude_patterns="['.*attn.*']").unet_loras
+    assert 0 < len(no_attn) < total and not any(".attn." in m.module_name for m in no_attn)
+
+
+@pytest.mark.parametrize("module,keys", [("networks.loha", {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
+                                         ("networks.lokr", {"lokr_w1", "lokr_w2_a", "lokr_w2_b"})])
+def test_loha_lokr_train_save_merge_and_continue(tmp_path, data, module, keys):
+    from musubi_tuner.networks.lora_files import linear_module_names, load_lora, merge_lora
+    from musubi_tuner.qwen_image.tiny import tiny_dit
+
+    r = run(data, tmp_path / "o", "--network_module", module, "--network_dim", "4", "--network_alpha", "2", steps=3)
+    sd = load_file(str(r["final"]))
+    suffixes = {k.split(".", 1)[1] for k in sd}
+    # LoKr: small layers (64 = 8 x 8) get a full w2, as LyCORIS does when the rank would not save anything
+    assert keys | {"alpha"} <= suffixes <= keys | {"alpha", "lokr_w2"}
+    assert all(k.startswith("lora_unet_transformer_blocks_") for k in sd)
+    # the file changes a model exactly as the trained network does: merge vs the network applied
+    net_mod = __import__(f"musubi_tuner.{module}", fromlist=["x"])
+    dit_a, dit_b = tiny_dit(), tiny_dit()
+    net = net_mod.create_network_from_weights(1.0, str(r["final"]), None, None, dit_a)
+    net.apply_to(None, dit_a)
+    net.eval()
+    merge_lora(dit_b, load_lora(r["final"], linear_module_names(dit_b)))
+    x, txt = torch.randn(1, 16, 64), torch.randn(1, 5, 256)
+    kw = dict(timestep=torch.tensor([0.5]), encoder_hidden_states=txt, img_shapes=[[(1, 4, 4)]], return_dict=False)
+    with torch.no_grad():
+        a, b, base = dit_a(hidden_states=x, **kw)[0], dit_b(hidden_states=x, **kw)[0], tiny_dit()(hidden_states=x, **kw)[0]
+    assert (a - base).abs().max() > 1e-4 and torch.allclose(a, b, atol=1e-4)
+    # generation merges it, and training continues from it
+    models, _ = data
+    out = generate_main(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder",
+                         str(models["text_encoder"]), "--prompt", "x", "--image_size", "64", "64", "--infer_steps",
+                         "2", "--device", "cpu", "--save_path", str(tmp_path / "g"), "--output_type", "latent",
+                         "--lora_weight", str(r["final"])])
+    assert out[0].is_file()
+    cont = run(data, tmp_path / "c", "--network_module", module, "--network_dim", "4", "--network_alpha", "2",
+               "--network_weights", str(r["final"]), "--learning_rate", "0", steps=1)
+    assert all(torch.equal(v, load_file(str(cont["final"]))[k]) for k, v in sd.items())
+
+
+def test_lokr_factorization_matches_lycoris_convention():
+    from musubi_tuner.networks.lokr import factorization
+
+    assert factorization(128) == (8, 16) and factorization(512) == (16, 32) and factorization(1024) == (32, 32)
+    assert factorization(128, 4) == (4, 32) and factorization(3072, 8) == (8, 384)
+
+
+# optimizer, schedules, timesteps ----------------------------------------------------------------------------------
+
+def test_adafactor_defaults_as_musubi():
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    from musubi_tuner.training.optim import build_optimizer, build_scheduler
+
+    p = [torch.nn.Parameter(torch.randn(4, 4))]
+    opt = build_optimizer("adafactor", p, 1e-3, [])
+    assert isinstance(opt, Adafactor) and opt.defaults["relative_step"] and opt.defaults["scale_parameter"]
+    sched = build_scheduler(opt, "constant", 10, learning_rate=1e-3)
+    assert isinstance(sched, AdafactorSchedule)
+    p[0].grad = torch.ones(4, 4)
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr()[0] > 0
+    opt2 = build_optimizer("adafactor", [torch.nn.Parameter(torch.zeros(2))], 1e-3, ["relative_step=False"])
+    assert not opt2.defaults["relative_step"] and opt2.defaults["lr"] == 1e-3
+
+
+def test_more_lr_schedules():
+    from transformers.optimization import get_scheduler as hf_scheduler
+
+    from musubi_tuner.training.optim import build_scheduler
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    a = _lrs(build_scheduler(opt(), "cosine_with_min_lr", 40, 5, min_lr_ratio=0.1), 40)
+    b = _lrs(hf_scheduler("cosine_with_min_lr", opt(), 5, 40, scheduler_specific_kwargs={"min_lr_rate": 0.1}), 40)
+    assert np.allclose(a, b) and min(a[5:]) >= 0.1 - 1e-9
+    wsd = _lrs(build_scheduler(opt(), "warmup_stable_decay", 40, 4, decay_steps=0.25), 40)
+    assert wsd[2] == 0.5 and wsd[10] == 1.0 and wsd[35] < 1.0
+    isq = _lrs(build_scheduler(opt(), "inverse_sqrt", 40, 4, timescale=9), 30)
+    assert abs(isq[29] - 1 / math.sqrt((29 + 9 - 4) / 9)) < 1e-9  # transformers: 1/sqrt((step + shift) / timescale)
+    rex = _lrs(build_scheduler(opt(), "rex", 20, 0), 20)  # musubi's RexLR: min_lr 1% by default
+    z = (20 - 5) / 20
+    assert abs(rex[5] - (0.01 + 0.99 * z / (0.1 + 0.9 * z))) < 1e-9
+    pc = _lrs(build_scheduler(opt(), "piecewise_constant", 20, scheduler_args=["step_rules='1:10,0.1'"]), 20)
+    assert pc[5] == 1.0 and pc[15] == 0.1
+    step = _lrs(build_scheduler(opt(), "constant", 20, scheduler_type="StepLR",
+                                scheduler_args=["step_size=5", "gamma=0.5"]), 12)
+    assert step[4] == 1.0 and step[5] == 0.5 and step[10] == 0.25
+
+
+def test_qinglong_qwen_and_preserved_shape_and_buckets():
+    from musubi_tuner.training.timesteps import sample_t, stratum
+
+    g = torch.Generator().manual_seed(0)
+    t = sample_t("qinglong_qwen", 200_000, g, image_seq_len=4096)
+    # a mixture: 95% the resolution-shifted sigmoid (qwen_shift), 5% logsnr(5.36, 1) (low noise, t around 0.06)
+    shifted = sample_t("qwen_shift", 200_000, torch.Generator().manual_seed(1), image_seq_len=4096)
+    low = sample_t("logsnr", 200_000, torch.Generator().manual_seed(2), logit_mean=5.36, logit_std=1.0)
+    for edge in (0.1, 0.15, 0.5, 0.9):
+        want = 0.95 * (shifted < edge).float().mean() + 0.05 * (low < edge).float().mean()
+        assert abs((t < edge).float().mean() - want) < 4e-3, edge
+    assert t.min() >= 0 and t.max() <= 1
+    t = sample_t("shift", 50_000, torch.Generator().manual_seed(1), shift=3.0, min_timestep=300, max_timestep=700,
+                 preserve_distribution_shape=True)
+    assert t.min() >= 0.3 and t.max() <= 0.7
+    full = sample_t("shift", 400_000, torch.Generator().manual_seed(2), shift=3.0)
+    kept = full[(full >= 0.3) & (full <= 0.7)]
+    assert abs(t.mean() - kept.mean()) < 3e-3  # the conditional distribution, not a rescaled one
+    strata = [stratum(7, i, 10) for i in range(30)]
+    u = sample_t("uniform", 30, torch.Generator().manual_seed(3), strata=strata)
+    for cycle in range(3):
+        assert sorted((u[cycle * 10:(cycle + 1) * 10] * 10).floor().int().tolist()) == list(range(10))
+
+
+def test_show_timesteps_prints_and_does_not_train(tmp_path, data, monkeypatch):
+    monkeypatch.setattr("musubi_tuner.training.trainer.load_dit_with_options",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert run(data, tmp_path / "o", "--show_timesteps", "console", "--timestep_sampling", "qwen_shift") == {}
+    text = buf.getvalue()
+    assert "timesteps (qwen_shift" in text and len(text.splitlines()) == 41
+    run(data, tmp_path / "o", "--show_timesteps", "image")
+    assert Image.open(tmp_path / "o" / "timesteps.png").size == (840, 320)
+
+
+# options of the training scripts ------------------------------------------------------------------------------------
+
+def test_training_options_from_musubi(tmp_path, data):
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        r = run(data, tmp_path / "o", "--scale_weight_norms", "0.05", "--network_dim", "4", "--network_alpha", "4",
+                "--learning_rate", "0.2", "--save_precision", "fp32", "--use_pinned_memory_for_block_swap",
+                "--cuda_allow_tf32", "--cuda_cudnn_benchmark", "--log_tracker_name", "my_project", "--log_config",
+                "--ddp_timeout", "30", "--compile_dynamic", "auto", "--metadata_title", "My LoRA", "--metadata_author",
+                "me", "--metadata_tags", "a,b", "--metadata_reso", "64,64", "--lr_scheduler", "rex", steps=4)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = before
+    sd = load_file(str(r["final"]))
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    norms = [((sd[k.replace("lora_down", "lora_up")] @ sd[k]) * sd[k.replace("lora_down.weight", "alpha")] / 4).norm()
+             for k in sd if k.endswith("lora_down.weight")]
+    assert max(norms) <= 0.05 + 1e-5  # --scale_weight_norms caps every module's delta norm
+    assert (r["logging_dir"] / "my_project").is_dir()
+    with safe_open(str(r["final"]), "pt") as f:
+        md = f.metadata()
+    assert md["modelspec.sai_model_spec"] == "1.0.0" and md["modelspec.architecture"] == "Qwen-Image/lora"
+    assert md["modelspec.title"] == "My LoRA" and md["modelspec.author"] == "me" and md["modelspec.tags"] == "a,b"
+    assert md["modelspec.resolution"] == "64x64" and md["modelspec.implementation"] == "https://github.com/QwenLM/Qwen-Image"
+    assert md["ss_base_model_version"] == "qwen_image" and md["ss_lr_scheduler"] == "rex"
+
+
+def test_kohya_model_hashes_and_no_metadata(tmp_path, data):
+    import hashlib
+
+    from safetensors.torch import save
+
+    r = run(data, tmp_path / "o", "--no_metadata", "--network_args", "rank_dropout=0.1", steps=1)
+    with safe_open(str(r["final"]), "pt") as f:
+        md = f.metadata()
+    assert {k for k in md if k.startswith("ss_")} == {"ss_base_model_version", "ss_network_module", "ss_network_dim",
+                                                      "ss_network_alpha", "ss_network_args"}
+    assert "modelspec.architecture" in md
+    # the definition: sha256 of the tensor bytes of the file serialised with only the ss_* metadata; legacy: 64 KiB at
+    # 1 MiB
+    blob = save(load_file(str(r["final"])), {k: v for k, v in md.items() if k.startswith("ss_")})
+    n = int.from_bytes(blob[:8], "little")
+    assert md["sshs_model_hash"] == hashlib.sha256(blob[8 + n:]).hexdigest()
+    assert md["sshs_legacy_hash"] == hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+
+
+@pytest.mark.parametrize("version,arch", [("edit-2509", "Qwen-Image-Edit-Plus/lora"),
+                                          ("layered", "Qwen-Image-Layered/lora")])
+def test_modelspec_architecture_per_version(tmp_path, version, arch):
+    from musubi_tuner.training.metadata import modelspec
+
+    import argparse
+    args = argparse.Namespace(metadata_arch=None, metadata_title=None, output_name="x", metadata_reso=None,
+                              metadata_author=None, metadata_description=None, metadata_license=None,
+                              metadata_tags=None, min_timestep=0.0, max_timestep=1000.0)
+    md = modelspec(args, VERSIONS[version], True, (1024, 1024))
+    assert md["modelspec.architecture"] == arch and md["modelspec.resolution"] == "1024x1024"
+    assert md["modelspec.implementation"].endswith("Qwen-Image-Layered" if version == "layered" else "Qwen-Image")
+
+
+def test_state_pruning_separately_from_weights(tmp_path, data):
+    out = tmp_path / "o"
+    run(data, out, "--save_every_n_steps", "1", "--save_state", "--save_last_n_steps", "3",
+        "--save_last_n_steps_state", "1", steps=5)
+    names = {p.name for p in out.iterdir()}
+    assert {"lora-step00000002.safetensors", "lora-step00000003.safetensors", "lora-step00000004.safetensors"} <= names
+    assert "lora-step00000004-state" in names and "lora-step00000003-state" not in names
+
+
+def test_edit_2511_marker_both_ways(tmp_path):
+    from layouts import write_single
+
+    from musubi_tuner.qwen_image.dit import load_dit
+    from musubi_tuner.qwen_image.model_files import COMFY_DIT_PREFIX, ZERO_COND_MARKER
+    from musubi_tuner.qwen_image.tiny import tiny_dit
+
+    ref = tiny_dit(VERSIONS["edit-2511"])
+    path = write_single(ref.state_dict(), tmp_path / "comfy2511.safetensors", prefix=COMFY_DIT_PREFIX,
+                        extra={COMFY_DIT_PREFIX + ZERO_COND_MARKER: torch.tensor([])})
+    assert load_dit(path, VERSIONS["edit-2511"], torch.float32).config.zero_cond_t
+    models, toml = make_cached_dataset(tmp_path / "d", "edit-2511", n=2, batch_size=1)
+    r = full_main(train_args(models, toml, tmp_path / "full", "edit-2511", "--max_train_steps", "1",
+                             "--learning_rate", "1e-4"))
+    assert ZERO_COND_MARKER in load_file(str(r["final"]))
+    assert load_dit(r["final"], VERSIONS["edit-2511"], torch.float32) is not None
+
+
+# options of generation and caching -------------------------------------------------------------------------------
+
+def gen(models, out, *extra):
+    return generate_main(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder",
+                          str(models["text_encoder"]), "--prompt", "x", "--image_size", "64", "64", "--infer_steps",
+                          "2", "--seed", "5", "--device", "cpu", "--save_path", str(out), "--output_type", "latent",
+                          *extra])
+
+
+def test_generation_options_from_musubi(tmp_path, data, monkeypatch):
+    models, _ = data
+    lora = run(data, tmp_path / "o", "--learning_rate", "5e-2", steps=3)["final"]
+
+    def latent(paths):
+        return load_file(str(paths[0]))["latent"]
+
+    base = latent(gen(models, tmp_path / "a"))
+    with_lora = latent(gen(models, tmp_path / "b", "--lora_weight", str(lora)))
+    merged = generate_main(["--dit", str(models["dit"]), "--lora_weight", str(lora), "--save_merged_model",
+                            str(tmp_path / "merged.safetensors")])[0]
+    from_merged = latent(gen({**models, "dit": merged}, tmp_path / "c"))
+    assert (with_lora - base).abs().max() > 1e-4 and torch.allclose(with_lora, from_merged, atol=1e-4)
+    nothing = latent(gen(models, tmp_path / "d", "--lora_weight", str(lora), "--exclude_patterns", "transformer_blocks"))
+    attn_only = latent(gen(models, tmp_path / "e", "--lora_weight", str(lora), "--include_patterns", "attn"))
+    assert torch.equal(nothing, base) and not torch.equal(attn_only, base) and not torch.equal(attn_only, with_lora)
+    fp8 = latent(gen(models, tmp_path / "f", "--fp8"))
+    assert 0 < (fp8 - base).abs().mean() < 0.1 * base.abs().mean()
+    lines = iter(["a red circle --w 32 --h 32 --d 1", "", "--w 60 broken", "a blue square --d 2"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    out = generate_main(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder",
+                         str(models["text_encoder"]), "--interactive", "--infer_steps", "2", "--device", "cpu",
+                         "--save_path", str(tmp_path / "i")])
+    assert len(out) == 2 and Image.open(out[0]).size == (32, 32)
+
+
+def test_caching_num_workers_and_debug_mode(tmp_path, capsys):
+    models, toml = make_cached_dataset(tmp_path, "edit-2509", n=3, batch_size=1)
+    cache = tmp_path / "cache"
+    before = {f.name: load_file(str(f)) for f in cache.glob("*.safetensors")}
+    shutil.rmtree(cache)
+    common = ["--dataset_config", str(toml), "--model_version", "edit-2509", "--device", "cpu", "--num_workers", "3"]
+    cache_latents_main(common + ["--vae", str(models["vae"])])
+    cache_te_main(common + ["--text_encoder", str(models["text_encoder"])])
+    after = {f.name: load_file(str(f)) for f in cache.glob("*.safetensors")}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
+    capsys.readouterr()
+    r = cache_latents_main(["--dataset_config", str(toml), "--model_version", "edit-2509", "--debug_mode", "image"])
+    text = capsys.readouterr().out
+    assert r["shown"] == 3 and "bucket 64x64" in text and "controls" in text
+    assert len(r["written"]) == 9 and all(p.parent == cache / "debug" for p in r["written"])
