@@ -443,6 +443,11 @@ def test_generation_options_from_musubi(tmp_path, data, monkeypatch):
     assert torch.equal(nothing, base) and not torch.equal(attn_only, base) and not torch.equal(attn_only, with_lora)
     fp8 = latent(gen(models, tmp_path / "f", "--fp8"))
     assert 0 < (fp8 - base).abs().mean() < 0.1 * base.abs().mean()
+    # a LoRA with fp8 weights is merged before quantisation: the same as quantising the merged model
+    lora_fp8 = latent(gen(models, tmp_path / "g", "--fp8_scaled", "--lora_weight", str(lora)))
+    merged_fp8 = latent(gen({**models, "dit": merged}, tmp_path / "h", "--fp8_scaled"))
+    assert torch.equal(lora_fp8, merged_fp8) and (lora_fp8 - latent(gen(models, tmp_path / "j", "--fp8_scaled"))
+                                                  ).abs().max() > 1e-3
     lines = iter(["a red circle --w 32 --h 32 --d 1", "", "--w 60 broken", "a blue square --d 2"])
 
     def fake_input(prompt):
