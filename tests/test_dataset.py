@@ -86,7 +86,7 @@ def test_control_and_layer_count_validation(tmp_path):
     with pytest.raises(UserError, match="takes exactly one"):
         collect_items(cfg, VERSIONS["edit"])
     (ctrl / "img002_1.png").unlink()
-    with pytest.raises(UserError, match="img002.png has 1 control images but .*img000.png has 2"):
+    with pytest.raises(UserError, match="img002.png has 1 control image but .*img000.png has 2"):
         collect_items(cfg, VERSIONS["edit-2511"])
 
     lay = write_shapes_dataset(tmp_path / "layers", n=2, layers=3)

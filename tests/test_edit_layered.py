@@ -137,7 +137,7 @@ def test_layered_parity_with_diffusers(tmp_path, model_sets):
     saved = ours(model_sets["layered"], "layered", tmp_path / "out", [tmp_path / "rgba.png"], "--prompt", "a red ball",
                  "--negative_prompt", " ", "--guidance_scale", "2.5", "--output_layers", str(layers), "--infer_steps",
                  str(steps), "--seed", str(seed))
-    assert [p.name.split("_")[-1] for p in saved] == [f"layer{i}.png" for i in range(layers + 1)]
+    assert [p.name.split("_")[-1] for p in saved] == ["composite.png"] + [f"layer{i}.png" for i in range(1, layers + 1)]
     assert all(Image.open(p).mode == "RGBA" for p in saved)
     assert len(ref) == layers  # the pipeline drops the composite frame 0
     for i in range(layers):

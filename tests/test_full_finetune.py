@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_cached_dataset, train_args
@@ -126,6 +127,7 @@ def _launch(script, args, trace, processes):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SRC / script), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    _launch.stderr = r.stderr
     return [json.loads((trace / f"rank{i}.json").read_text()) for i in range(processes)]
 
 
@@ -137,6 +139,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, script,
     models, toml = make_cached_dataset(tmp_path, "original", n=4, batch_size=1)
     args = train_args(models, toml, tmp_path / "two", "original", "--max_train_steps", "4", *extra)
     two = _launch(script, args, tmp_path / "t2", 2)
+    assert _launch.stderr.count("musubi_tuner.training.trainer: saved ") == 1  # log lines once, from rank 0
     seen0, seen1 = two[0]["items"], two[1]["items"]
     assert all(a != b for a, b in zip(seen0, seen1))  # different samples on each rank at every step
     assert two[0]["checksum"] == two[1]["checksum"]  # identical parameters on both ranks
@@ -148,6 +151,11 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, script,
     b = load_file(str(tmp_path / "one" / "lora.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
     assert not (tmp_path / "two" / "lora.safetensors.tmp").exists()
+    # the logged loss is the mean over the processes: what one process with the whole global batch logs
+    def logged(folder):
+        return [float(line.split(",")[2]) for line in (folder / "lora_loss_log.csv").read_text().splitlines()[1:]]
+
+    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), atol=2e-4)
 
 
 def test_fsdp_full_finetune_equals_one_process_and_resumes(tmp_path):

@@ -223,21 +223,31 @@ def test_missing_cache_is_a_clear_error(tmp_path, capsys):
     assert "qwen_image_cache_text_encoder_outputs.py" in err and "missing" in err
 
 
-@pytest.mark.parametrize("version", ["edit-2509", "layered"])
+@pytest.mark.parametrize("version", ["edit-2509", "layered", "layered-remove-first"])
 def test_sampling_during_training_for_edit_and_layered(tmp_path, version):
+    """Sample lines without --w/--h get the training data's size (the dataset's bucket of the --ci image, here 64x64,
+    not the official 1M pixels), and layered samples are named by what they hold."""
     from PIL import Image
 
-    models, toml = make_cached_dataset(tmp_path, version, n=2)
-    ctrl = sorted((tmp_path / ("data_control" if version != "layered" else "data")).glob("*.png"))[0]
+    name = version.removesuffix("-remove-first")
+    models, toml = make_cached_dataset(tmp_path, name, n=2)
+    ctrl = sorted((tmp_path / ("data_control" if name != "layered" else "data")).glob("*.png"))[0]
     prompts = tmp_path / "prompts.txt"
-    extra = "--f 2" if version == "layered" else f"--ci {ctrl}"  # edit-2509: two control images
-    prompts.write_text(f"a shape --ci {ctrl} {extra} --w 64 --h 64 --s 3 --d 5\n")
-    result = train_main(train_args(models, toml, tmp_path / "out", version, "--max_train_steps", "2",
-                                   "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"))
+    extra = "--f 2" if name == "layered" else f"--ci {ctrl}"  # edit-2509: two control images
+    prompts.write_text(f"a shape --ci {ctrl} {extra} --s 3 --d 5\n")
+    remove_first = ["--remove_first_image_from_target"] if version.endswith("remove-first") else []
+    result = train_main(train_args(models, toml, tmp_path / "out", name, "--max_train_steps", "2",
+                                   "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", *remove_first))
     samples = sorted(result["sample_dir"].glob("*.png"))
-    assert len(samples) == (3 if version == "layered" else 1)  # layered: composite + 2 layers
-    assert Image.open(samples[0]).size == (64, 64)
-    assert Image.open(samples[0]).mode == ("RGBA" if version == "layered" else "RGB")
+    suffixes = sorted(p.stem.rsplit("_", 1)[1] for p in samples)
+    if name == "layered":
+        assert suffixes == (["layer1", "layer2", "layer3"] if remove_first else ["composite", "layer1", "layer2"])
+    else:
+        assert len(samples) == 1
+    assert all(Image.open(p).size == (64, 64) for p in samples)
+    assert Image.open(samples[0]).mode == ("RGBA" if name == "layered" else "RGB")
+    with safe_open(str(result["final"]), "pt") as f:
+        assert f.metadata()["ss_remove_first_image_from_target"] == str(bool(remove_first))
 
 
 def test_spec_command_shape_with_bf16_mixed_precision(tmp_path):
@@ -260,6 +270,19 @@ def test_third_party_network_module_by_import_path(tmp_path):
                               "--network_module", "fake_kohya_net", "--learning_rate", "1e-2"))
     gains = load_file(str(r["final"]))
     assert len(gains) == 2 and any(g.abs().sum() > 0 for g in gains.values())
+
+
+def test_epoch_run_metadata(tmp_path):
+    """ss_epoch and ss_max_train_steps say what the run did (2 epochs of 2 steps: 4 steps, epoch 2)."""
+    models, toml = make_cached_dataset(tmp_path, "original", n=2, batch_size=1)
+    r = train_main(train_args(models, toml, tmp_path / "out", "original", "--max_train_epochs", "2",
+                              "--save_every_n_epochs", "1"))
+    assert r["steps"] == 4
+    for file, epoch, steps in (("lora-000001.safetensors", "1", "2"), ("lora.safetensors", "2", "4"),
+                               ("lora-000002.safetensors", "2", "4")):
+        with safe_open(str(tmp_path / "out" / file), "pt") as f:
+            md = f.metadata()
+        assert (md["ss_epoch"], md["ss_steps"], md["ss_max_train_steps"]) == (epoch, steps, "4"), file
 
 
 def test_save_every_and_save_last_n_and_precision(tmp_path):

@@ -8,6 +8,16 @@ from .errors import UserError
 from .qwen_image.versions import VERSIONS, ModelVersion, resolve_version
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where the help text does not speak of the default itself and X says something."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, [], "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_model_args(p: argparse.ArgumentParser, dit: bool = True, vae: bool = True, text_encoder: bool = True) -> None:
     g = p.add_argument_group("models")
     if dit:

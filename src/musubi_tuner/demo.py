@@ -19,8 +19,18 @@ from .errors import cli_main
 from .qwen_image.tiny import write_tiny_models
 
 
+def command_line(module: str, argv: list[str]) -> str:
+    """The command a user can paste to run the same step: the script path when run from the repository, else the
+    module."""
+    import shlex
+
+    script = Path("src/musubi_tuner") / (module.rsplit(".", 1)[-1] + ".py")
+    head = ["python", str(script)] if script.is_file() else ["python", "-m", module]
+    return shlex.join(head + argv)
+
+
 def _run(title: str, fn, argv: list[str]):
-    print(f"\n== {title}\n   {fn.__module__.rsplit('.', 1)[-1]}.py {' '.join(argv)}", flush=True)
+    print(f"\n== {title}\n   {command_line(fn.__module__, argv)}", flush=True)
     return fn(argv)
 
 

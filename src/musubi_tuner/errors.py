@@ -7,6 +7,11 @@ import logging
 import sys
 
 
+def plural(n: int, word: str) -> str:
+    """`1 control image`, `2 control images`."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 class UserError(Exception):
     """A problem with the user's input (file, option, data) rather than a bug."""
 

@@ -12,7 +12,7 @@ from musubi_tuner.errors import cli_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=opts.HelpFormatter)
     opts.add_dataset_args(p)
     opts.add_model_args(p, dit=False, vae=False)
     p.add_argument("--fp8_vl", action="store_true", help="fp8 weights for the text encoder (less VRAM)")

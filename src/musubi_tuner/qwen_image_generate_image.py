@@ -15,7 +15,7 @@ from musubi_tuner.memory.attention import ATTN_BACKENDS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=opts.HelpFormatter)
     opts.add_model_args(p)
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="prompt text")
@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--append_original_name", action="store_true",
                    help="append the first control image's base name to the output file name")
     e.add_argument("--output_layers", type=int, default=None, help="layered: number of layers (N+1 images are "
-                   "written, index 0 = composite; default 4)")
+                   "written: ..._composite.png and ..._layer1.png ...; default 4)")
+    e.add_argument("--remove_first_image_from_target", action="store_true", help="layered: the model (or LoRA) "
+                   "was trained without the composite, so every output frame is a layer (read from a LoRA's "
+                   "metadata when it records it)")
     e.add_argument("--mask_path", help="inpainting mask: white = change, black = keep (edit versions)")
     e.add_argument("--rcm_threshold", type=float, default=None, help="enable the Reference Consistency Mask with "
                    "this difference threshold (absolute ~0.01-0.1, relative ~0.1-0.5)")

@@ -12,7 +12,7 @@ from musubi_tuner.errors import UserError, cli_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=opts.HelpFormatter)
     opts.add_training_args(p)
     f = p.add_argument_group("full finetuning")
     f.add_argument("--full_bf16", action="store_true", help="keep the weights in bf16 (optimizer state as the "

@@ -12,7 +12,7 @@ from musubi_tuner.errors import cli_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=opts.HelpFormatter)
     opts.add_training_args(p)
     n = p.add_argument_group("network")
     n.add_argument("--network_module", default="networks.lora_qwen_image", help="network module import path")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import plural
 from ..qwen_image.versions import ModelVersion
 from .items import ImageItem
 from .prepare import control_mode, image_size
@@ -167,9 +168,10 @@ def latent_status(path: Path, item: ImageItem, expected: dict[str, str], ignore:
         if target is None:
             return "no latents_FxHxW_dtype tensor"
         if shapes[target][1] != len(item.targets):
-            return f"{shapes[target][1]} frames but the item has {len(item.targets)} images"
+            return f"{plural(shapes[target][1], 'frame')} but the item has {plural(len(item.targets), 'image')}"
         if len(controls) != len(item.controls):
-            return f"{len(controls)} control latents but the item has {len(item.controls)} control images"
+            return (f"{plural(len(controls), 'control latent')} but the item has "
+                    f"{plural(len(item.controls), 'control image')}")
         return None
 
     return _status(path, expected, ignore, check)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import UserError
+from ..errors import UserError, plural
 from ..fileio import read_text
 from ..qwen_image.versions import ModelVersion
 from .config import DatasetConfig
@@ -190,18 +190,18 @@ def _validate(items: list[ImageItem], cfg: DatasetConfig, version: ModelVersion)
                 raise UserError(f"{w}: {it.targets[0]} has no control image (set control_directory or control_path) "
                                 f"but --model_version {version.name} needs one")
             if version.template == "edit" and len(it.controls) != 1:
-                raise UserError(f"{w}: {it.targets[0]} has {len(it.controls)} control images; --model_version edit "
+                raise UserError(f"{w}: {it.targets[0]} has {plural(len(it.controls), 'control image')}; --model_version edit "
                                 "takes exactly one (use edit-2509/edit-2511 for several)")
         counts = {len(it.controls) for it in items}
         if len(counts) > 1 and cfg.batch_size > 1:
             bad = next(it for it in items if len(it.controls) != len(items[0].controls))
-            raise UserError(f"{w}: {bad.targets[0]} has {len(bad.controls)} control images but "
+            raise UserError(f"{w}: {bad.targets[0]} has {plural(len(bad.controls), 'control image')} but "
                             f"{items[0].targets[0]} has {len(items[0].controls)}; with batch_size > 1 every item "
                             "needs the same number")
     if version.is_layered:
         for it in items:
             if len(it.targets) != len(items[0].targets):
-                raise UserError(f"{w}: {it.targets[0]} has {len(it.targets) - 1} layers but {items[0].targets[0]} "
+                raise UserError(f"{w}: {it.targets[0]} has {plural(len(it.targets) - 1, 'layer')} but {items[0].targets[0]} "
                                 f"has {len(items[0].targets) - 1}; every item of a dataset needs the same number")
             if len(it.targets) < 2:
                 raise UserError(f"{w}: {it.targets[0]} has no layer images (<base>_1.png ...)")

@@ -10,6 +10,7 @@ from PIL import Image
 from ..errors import UserError
 from ..qwen_image.versions import ModelVersion
 from .buckets import crop_to_multiple, resize_crop, select_bucket, to_tensor
+from .config import DatasetConfig
 from .items import ImageItem, load_image
 
 
@@ -39,11 +40,10 @@ def control_mode(item: ImageItem) -> str:
     return "target bucket"
 
 
-def prepare_control(img: Image.Image, item: ImageItem, bucket: tuple[int, int]) -> Image.Image:
+def prepare_control(img: Image.Image, cfg: DatasetConfig, bucket: tuple[int, int]) -> Image.Image:
     """no_resize_control: native size cropped to multiples of 16 (with control_resolution too: as long as the image
     is not larger than that area, else like control_resolution alone, as musubi-tuner does); control_resolution: the
     control's own bucket at that area; otherwise the target's transform (pixel-aligned when sizes match)."""
-    cfg = item.config
     area = cfg.control_resolution[0] * cfg.control_resolution[1] if cfg.control_resolution else None
     if cfg.no_resize_control and (area is None or img.size[0] * img.size[1] <= area):
         return crop_to_multiple(img)
@@ -67,5 +67,5 @@ def prepare_item(item: ImageItem, version: ModelVersion, with_targets: bool = Tr
     if with_targets:
         frames = [to_tensor(resize_crop(load_image(p, mode), bucket)) for p in item.targets]
         targets = torch.stack(frames, dim=1)
-    control_images = [prepare_control(load_image(p, "RGB"), item, bucket) for p in item.controls]
+    control_images = [prepare_control(load_image(p, "RGB"), item.config, bucket) for p in item.controls]
     return PreparedItem(bucket, targets, [to_tensor(c) for c in control_images], control_images)

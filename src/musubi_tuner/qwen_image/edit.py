@@ -89,7 +89,8 @@ def check_controls(version: ModelVersion, n: int, mode: str, where: str = "--con
         logger.warning("%d control images: the official maximum is %d; results beyond that are unverified", n,
                        MAX_OFFICIAL_CONTROLS)
     if version.name == "edit-2511" and mode != "official":
-        logger.warning("Edit-2511 expects --resize_control_to_official_size (the spec calls it mandatory)")
+        logger.warning("Edit-2511 was trained with control images at about 1M pixels: pass "
+                       "--resize_control_to_official_size (the user guide calls it mandatory)")
 
 
 def load_mask(path: str, latent_h: int, latent_w: int) -> torch.Tensor:

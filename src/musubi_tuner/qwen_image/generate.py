@@ -187,6 +187,13 @@ def spec_metadata(spec: GenerationSpec, version: ModelVersion) -> dict[str, str]
     return md
 
 
+def result_metadata(spec: GenerationSpec, version: ModelVersion, args) -> dict[str, str]:
+    md = spec_metadata(spec, version)
+    if version.is_layered:
+        md["remove_first_image_from_target"] = str(trained_without_composite(args))
+    return md
+
+
 def load_latent_files(paths: list[str]) -> list[tuple[torch.Tensor, dict[str, str]]]:
     out = []
     for p in paths:
@@ -200,20 +207,46 @@ def load_latent_files(paths: list[str]) -> list[tuple[torch.Tensor, dict[str, st
     return out
 
 
-def decode_and_save(vae, items: list[tuple[torch.Tensor, Path]], tiling: bool) -> list[Path]:
-    """Latents (16, F, h, w) -> one PNG, or one RGBA PNG per frame (`..._layer{i}.png`, 0 = composite)."""
+def frame_names(frames: int, composite_first: bool = True) -> list[str]:
+    """File-name suffixes of the frames of a layered generation: `_composite`, `_layer1` ... `_layerN`; a model trained
+    with --remove_first_image_from_target generates layers only (`_layer1` ...)."""
+    if frames == 1:
+        return [""]
+    if composite_first:
+        return ["_composite"] + [f"_layer{k}" for k in range(1, frames)]
+    return [f"_layer{k}" for k in range(1, frames + 1)]
+
+
+def decode_and_save(vae, items: list[tuple[torch.Tensor, Path]], tiling: bool, composite_first: bool = True
+                    ) -> list[Path]:
+    """Latents (16, F, h, w) -> one PNG, or one RGBA PNG per frame named by what it holds (frame_names)."""
     if tiling:
         vae.enable_tiling()
     saved = []
     for lat, stem in items:
         lat = lat.unsqueeze(0) if lat.ndim == 4 else lat
-        frames = lat.shape[2]
-        for f in range(frames):
+        names = frame_names(lat.shape[2], composite_first)
+        for f, suffix in enumerate(names):
             pixels = decode(vae, lat[:, :, f:f + 1])[0, :, 0]
-            name = stem.name + (f"_layer{f}" if frames > 1 else "")
-            saved.append(save_image(to_pil(pixels), stem.with_name(name + ".png")))
+            saved.append(save_image(to_pil(pixels), stem.with_name(stem.name + suffix + ".png")))
             logger.info("saved %s", saved[-1])
     return saved
+
+
+def trained_without_composite(args) -> bool:
+    """--remove_first_image_from_target, or a --lora_weight whose metadata records it."""
+    if getattr(args, "remove_first_image_from_target", False):
+        return True
+    for lw in getattr(args, "lora_weight", None) or []:
+        try:
+            with safe_open(str(lw), framework="pt") as f:
+                if (f.metadata() or {}).get("ss_remove_first_image_from_target") == "True":
+                    logger.info("%s was trained with --remove_first_image_from_target: every output frame is a "
+                                "layer", lw)
+                    return True
+        except Exception:
+            continue
+    return False
 
 
 def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[GenerationSpec]:
@@ -327,7 +360,8 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
         latents = load_latent_files(args.latent_path)
         vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
         items = [(lat, save_path / Path(p).stem.removesuffix("_latent")) for (lat, _), p in zip(latents, args.latent_path)]
-        return decode_and_save(vae, items, args.vae_enable_tiling)
+        no_composite = any(md.get("remove_first_image_from_target") == "True" for _, md in latents)
+        return decode_and_save(vae, items, args.vae_enable_tiling, composite_first=not no_composite)
 
     check_attention(args.attn_mode)
     check_compile(args)
@@ -376,10 +410,11 @@ def save_results(results, args, version: ModelVersion, vae) -> list[Path]:
     if args.output_type in ("latent", "latent_images"):
         for lat, stem, spec in results:
             saved.append(save_safetensors({"latent": lat.contiguous()}, stem.with_name(stem.name + "_latent.safetensors"),
-                                          spec_metadata(spec, version)))
+                                          result_metadata(spec, version, args)))
             logger.info("saved %s", saved[-1])
     if args.output_type in ("images", "latent_images"):
-        saved += decode_and_save(vae, [(lat, stem) for lat, stem, _ in results], args.vae_enable_tiling)
+        saved += decode_and_save(vae, [(lat, stem) for lat, stem, _ in results], args.vae_enable_tiling,
+                                 composite_first=not (version.is_layered and trained_without_composite(args)))
     return saved
 
 

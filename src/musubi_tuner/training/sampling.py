@@ -1,6 +1,8 @@
 """Sample images during training with the inference code (same sampler, dynamic shift by default), for every model
-version: edit prompts take control images with --ci (resized to the official ~1M-pixel size), layered prompts take
-the image to decompose with --ci and the layer count with --f."""
+version, with the training data's sizes: a prompt without --w/--h gets the size its training images get (text-to-
+image: the dataset's resolution; edit and layered: the bucket of the first --ci image at that resolution), and edit
+controls are prepared as the dataset prepares them (the target's size, control_resolution or no_resize_control).
+Layered prompts take the image to decompose with --ci and the layer count with --f."""
 
 from __future__ import annotations
 
@@ -10,8 +12,12 @@ from pathlib import Path
 
 import torch
 
+from ..dataset.buckets import resize_crop, select_bucket
+from ..dataset.config import DatasetConfig
+from ..dataset.prepare import prepare_control
 from ..errors import UserError
-from ..qwen_image.generate import Job, decode_and_save, denoise, encode_all, encode_controls, resolve_controls
+from ..qwen_image import edit as E
+from ..qwen_image.generate import Job, decode_and_save, denoise, encode_all, encode_controls, frame_names
 from ..qwen_image.prompts import GenerationSpec, read_prompt_file
 from ..qwen_image.vae import load_vae
 from ..qwen_image.versions import ModelVersion
@@ -19,27 +25,40 @@ from ..qwen_image.versions import ModelVersion
 logger = logging.getLogger(__name__)
 
 
-def _generation_args(args, version: ModelVersion) -> argparse.Namespace:
-    return argparse.Namespace(
-        resize_control_to_official_size=version.is_edit, resize_control_to_image_size=False, mask_path=None,
-        image_size=None, tokenizer=args.tokenizer, text_encoder=args.text_encoder, text_encoder_cpu=False)
+def _generation_args(args) -> argparse.Namespace:
+    return argparse.Namespace(tokenizer=args.tokenizer, text_encoder=args.text_encoder, text_encoder_cpu=False)
 
 
-def plan_samples(args, version: ModelVersion) -> list[Job]:
-    """Read and check --sample_prompts (every line's values and control images) before any model loads, so a bad
-    line is an error at the start, not at the first sampling step hours later."""
-    defaults = GenerationSpec(prompt="", height=None if (version.is_edit or version.is_layered) else 256,
-                              width=None if (version.is_edit or version.is_layered) else 256, steps=20,
-                              guidance_scale=4.0, seed=42)
+def plan_samples(args, version: ModelVersion, cfg: DatasetConfig) -> list[Job]:
+    """Read and check --sample_prompts (every line's values and control images) and size every sample like the
+    training data of `cfg`, before any model loads, so a bad line is an error at the start, not at the first
+    sampling step hours later."""
+    defaults = GenerationSpec(prompt="", height=None, width=None, steps=20, guidance_scale=4.0, seed=42)
     specs = read_prompt_file(args.sample_prompts, defaults, training=True)
-    for s in specs:
+    jobs = []
+    for i, s in enumerate(specs, 1):
+        where = f"--sample_prompts {args.sample_prompts}: prompt {i}"
         if version.is_layered and not s.output_layers:
             s.output_layers = 4
-        if s.height is None and not (version.is_edit or version.is_layered):
-            s.height, s.width = 256, 256
-        if s.control_images and not (version.is_edit or version.is_layered):
-            raise UserError(f"--sample_prompts {args.sample_prompts}: --ci needs an edit or layered --model_version")
-    return resolve_controls(specs, _generation_args(args, version), version)
+        job = Job(s)
+        if version.is_edit or version.is_layered:
+            E.check_controls(version, len(s.control_images), "official", where=where)
+            job.controls = E.load_controls(s.control_images, version)
+            first = job.controls[0].size
+        elif s.control_images:
+            raise UserError(f"{where}: --ci needs an edit or layered --model_version")
+        else:
+            first = cfg.resolution
+        if s.height is None or s.width is None:
+            w, h = select_bucket(first, cfg.resolution, cfg.enable_bucket, cfg.bucket_no_upscale)
+            s.width, s.height = s.width or w, s.height or h
+        bucket = (s.width, s.height)
+        if version.is_layered:  # the image to decompose, as a layered dataset prepares its composite
+            job.prepared = [resize_crop(job.controls[0], bucket)]
+        elif version.is_edit:
+            job.prepared = [prepare_control(c, cfg, bucket) for c in job.controls]
+        jobs.append(job)
+    return jobs
 
 
 class TrainingSampler:
@@ -50,7 +69,7 @@ class TrainingSampler:
         self.args, self.version, self.device, self.dtype, self.jobs = args, version, device, dtype, jobs
         self.specs = [j.spec for j in jobs]
         has_controls = any(j.prepared for j in self.jobs)
-        encoded = encode_all(self.specs, _generation_args(args, version), version, device, dtype,
+        encoded = encode_all(self.specs, _generation_args(args), version, device, dtype,
                              [j.controls for j in self.jobs] if has_controls else None)
         for job, enc in zip(self.jobs, encoded):
             job.encoded = enc
@@ -68,7 +87,8 @@ class TrainingSampler:
             spec = job.spec
             lat = denoise(model, spec, job.encoded, self.device, self.dtype, self.version, job, progress=False)
             stem = self.folder / f"{self.args.output_name}_e{epoch:06d}_s{step:06d}_{i:02d}_{spec.seed}"
-            paths = decode_and_save(self.vae, [(lat[0], stem)], tiling=False)
+            composite_first = not self.args.remove_first_image_from_target
+            paths = decode_and_save(self.vae, [(lat[0], stem)], tiling=False, composite_first=composite_first)
             saved += paths
             if accelerator is not None:
                 for tracker in accelerator.trackers:
@@ -76,9 +96,9 @@ class TrainingSampler:
                         import numpy as np
                         from PIL import Image
 
-                        for k, p in enumerate(paths):
-                            tracker.writer.add_image(f"sample/{i}" + (f"_layer{k}" if len(paths) > 1 else ""),
-                                                     np.asarray(Image.open(p)), step, dataformats="HWC")
+                        for suffix, p in zip(frame_names(len(paths), composite_first), paths):
+                            tracker.writer.add_image(f"sample/{i}{suffix}", np.asarray(Image.open(p)), step,
+                                                     dataformats="HWC")
         logger.info("saved %d sample image(s) to %s", len(saved), self.folder)
         model.train(was_training)
         return saved

@@ -161,12 +161,12 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     check_attention(*attention_mode(args))
     check_compile(args)
     check_writable_folder(args.output_dir, "--output_dir")
+    configs = load_dataset_config(args.dataset_config)
     jobs = None
     if args.sample_prompts:
         from .sampling import plan_samples
 
-        jobs = plan_samples(args, version)
-    configs = load_dataset_config(args.dataset_config)
+        jobs = plan_samples(args, version, configs[0])
     items = collect_items(configs, version)
     return Checked(configs, check_caches(items, version, args.vae, args.text_encoder), jobs)
 
@@ -264,6 +264,8 @@ def run_training(args: argparse.Namespace, mode: Mode) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
         cpu=args.device == "cpu" or not torch.cuda.is_available(), kwargs_handlers=handlers,
     )
+    if not accelerator.is_main_process:  # one copy of the log lines, from the main process
+        logging.getLogger().setLevel(logging.WARNING)
     if accelerator.distributed_type == DistributedType.FSDP:  # an accelerate config with distributed_type: FSDP
         if mode.name != "full":
             raise UserError("FSDP shards full finetuning (qwen_image_train.py); train LoRAs with a MULTI_GPU config")
@@ -373,6 +375,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
     trainable.train()
     trace = Trace(accelerator.process_index)
     losses: list[float] = []
+    # the progress bar's average covers the whole run, also across a resume (from the loss log)
+    step_losses = [float(r["loss"]) for r in loss_log.rows()] if (loss_log is not None and args.resume) else []
     bar = tqdm(total=total_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     last = boundary()
     updating = False  # True while weights change (optimizer step, fused backward): no consistent state to save
@@ -419,10 +423,12 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                     state.batch = micro
                     updating = False
                     last = boundary()
-                    step_loss = sum(losses[-ga:]) / len(losses[-ga:])
+                    step_loss = mean_over_processes(sum(losses[-ga:]) / len(losses[-ga:]), accelerator)
+                    step_losses.append(step_loss)
                     lr = scheduler.get_last_lr()[0]
                     bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{sum(step_losses) / len(step_losses):.4f}",
+                                    lr=f"{lr:.2e}")
                     accelerator.log({"loss/current": step_loss, "lr": lr, "epoch": epoch + 1, **step_logs},
                                     step=state.global_step)
                     if loss_log is not None:
@@ -550,6 +556,17 @@ class Trace:
             checksum = float(sum(p.double().sum() for p in values if p.is_floating_point()))
         Path(self.dir).mkdir(parents=True, exist_ok=True)
         (Path(self.dir) / f"rank{self.rank}.json").write_text(json.dumps({"items": self.items, "checksum": checksum}))
+
+
+def mean_over_processes(value: float, accelerator) -> float:
+    """The step loss of the whole global batch (what one process with all of it would log)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    dist.all_reduce(t)
+    return t.item() / accelerator.num_processes
 
 
 def sync_gradients(accelerator, params: list[torch.Tensor]) -> None:
