@@ -51,3 +51,27 @@ def train_args(models, toml, out, version_name="original", *extra):
             "--dataset_config", str(toml), "--model_version", version_name, "--output_dir", str(out),
             "--output_name", "lora", "--device", "cpu", "--max_data_loader_n_workers", "0", "--seed", "42",
             "--log_with", "tensorboard", *extra]
+
+
+def add_validation_dataset(root: Path, toml: Path, models: dict, version_name: str, n: int = 2, seed: int = 99):
+    """A second [[datasets]] entry with `validation = true` (other images, own cache folder), cached."""
+    from musubi_tuner.dataset.synthetic import write_shapes_dataset
+    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.qwen_image_cache_latents import main as cache_latents
+    from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_text
+
+    version = VERSIONS[version_name]
+    controls = {"edit": 1, "edit-2509": 2, "edit-2511": 2}.get(version_name, 0)
+    img = write_shapes_dataset(root / "val", n=n, size=(64, 64), seed=seed, controls=controls,
+                               layers=2 if version.is_layered else 0)
+    entry = ["", "[[datasets]]", f'image_directory = "{img}"', f'cache_directory = "{root / "val_cache"}"',
+             "validation = true"]
+    if controls:
+        entry += [f'control_directory = "{root / "val_control"}"', "no_resize_control = true"]
+    if version.is_layered:
+        entry.append("multiple_target = true")
+    toml.write_text(toml.read_text() + "\n".join(entry) + "\n")
+    common = ["--dataset_config", str(toml), "--model_version", version_name, "--device", "cpu", "--skip_existing"]
+    cache_latents(common + ["--vae", str(models["vae"])])
+    cache_text(common + ["--text_encoder", str(models["text_encoder"])])
+    return img

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cached_dataset, train_args
+from conftest import add_validation_dataset, make_cached_dataset, train_args
 from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -137,6 +137,8 @@ def _launch(script, args, trace, processes):
 ])
 def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, script, extra):
     models, toml = make_cached_dataset(tmp_path, "original", n=4, batch_size=1)
+    add_validation_dataset(tmp_path, toml, models, "original", n=3)  # 2 + 1 items on the two processes
+    extra = [*extra, "--validate_every_n_steps", "2"]
     args = train_args(models, toml, tmp_path / "two", "original", "--max_train_steps", "4", *extra)
     two = _launch(script, args, tmp_path / "t2", 2)
     assert _launch.stderr.count("musubi_tuner.training.trainer: saved ") == 1  # log lines once, from rank 0
@@ -156,6 +158,13 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, script,
         return [float(line.split(",")[2]) for line in (folder / "lora_loss_log.csv").read_text().splitlines()[1:]]
 
     assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), atol=2e-4)
+    # validation: each process takes its share, the sums are gathered once: the single-process figures
+    def validated(folder):
+        rows = [line.split(",") for line in (folder / "lora_validation_log.csv").read_text().splitlines()[1:]]
+        return [[float(v) for v in row] for row in rows]
+
+    assert len(validated(tmp_path / "two")) == 2
+    assert np.allclose(validated(tmp_path / "two"), validated(tmp_path / "one"), atol=2e-4)
 
 
 def test_fsdp_full_finetune_equals_one_process_and_resumes(tmp_path):

@@ -207,6 +207,22 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sample_every_n_epochs", type=int, default=None)
     s.add_argument("--sample_every_n_steps", type=int, default=None)
     s.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
+    v = p.add_argument_group(
+        "validation loss", "The training loss on held-out items at fixed sigmas with fixed noise. A pass over N items "
+        "and S sigmas costs N x S forward passes (N batches of S). Held-out items: a dataset's `validation = true`, "
+        "its `validation_split`, else --validation_split; they are cached like the others and never trained on.")
+    v.add_argument("--validation_split", type=float, default=0.0,
+                   help="hold out this fraction of each dataset's items (datasets' own validation_split wins)")
+    v.add_argument("--validation_seed", type=int, default=None,
+                   help="seed of the split and of the validation noise (default: --seed)")
+    v.add_argument("--validate_every_n_steps", type=int, default=None, help="a validation pass every n steps")
+    v.add_argument("--validate_every_n_epochs", type=int, default=None,
+                   help="a pass every n epochs (default: every epoch, when there are held-out items)")
+    v.add_argument("--validate_at_start", action="store_true", help="a pass before the first step")
+    v.add_argument("--max_validation_steps", type=int, default=None, help="at most this many held-out items per pass")
+    v.add_argument("--validation_sigmas", type=float, nargs="+", default=None,
+                   help="sigmas (t / 1000, in (0, 1]) to validate at (default: the 10/30/50/70/90 %% quantiles of "
+                        "the timestep distribution training uses)")
 
 
 def add_config_file_arg(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,9 @@ video datasets skipped, so a config shared with those works here.
                                        # control_resolution, that area is the maximum (larger controls shrink to it)
     multiple_target = false            # layered: <base>.png composite + <base>_1.png ... RGBA layers
     num_repeats = 1
+    validation = false                 # true: every item of this dataset is held out for the validation loss
+    validation_split = 0.0             # hold out this fraction of the items (seeded; [general] or per dataset)
+    validation_seed = 0                # which items the split holds out (default: --validation_seed, else --seed)
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class DatasetConfig:
     control_resolution: tuple[int, int] | None = None
     no_resize_control: bool = False
     multiple_target: bool = False
+    validation: bool = False
+    validation_split: float | None = None
+    validation_seed: int | None = None
     index: int = 0  # position in [[datasets]], for messages
     source: str = ""  # the TOML file, for messages
 
@@ -62,12 +68,13 @@ _TYPES = {
     "resolution": "resolution", "control_resolution": "resolution", "caption_extension": str, "batch_size": int,
     "num_repeats": int, "enable_bucket": bool, "bucket_no_upscale": bool, "image_directory": str,
     "image_jsonl_file": str, "cache_directory": str, "control_directory": str, "no_resize_control": bool,
-    "multiple_target": bool,
+    "multiple_target": bool, "validation": bool, "validation_split": "fraction", "validation_seed": "seed",
 }
 # spellings used by earlier versions of the documentation
 _ALIASES = {"qwen_image_edit_no_resize_control": "no_resize_control",
             "qwen_image_edit_control_resolution": "control_resolution"}
-_GENERAL_ONLY_FORBIDDEN = {"image_directory", "image_jsonl_file", "cache_directory", "control_directory"}
+_GENERAL_ONLY_FORBIDDEN = {"image_directory", "image_jsonl_file", "cache_directory", "control_directory",
+                           "validation"}
 # keys of musubi-tuner's other architectures: a config shared with them works here, the keys are ignored
 _OTHER_ARCH_KEYS = {"fp_latent_window_size", "fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post",
                     "target_frames", "frame_extraction", "frame_stride", "frame_sample", "max_frames", "source_fps",
@@ -83,6 +90,14 @@ def _check_value(key: str, value, where: str):
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
             return (value[0], value[1])
         raise UserError(f"{where}: {key} must be an int or [width, height] of positive ints, got {value!r}")
+    if kind == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise UserError(f"{where}: {key} must be a number in [0, 1), got {value!r}")
+        return float(value)
+    if kind == "seed":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{where}: {key} must be a non-negative integer, got {value!r}")
+        return value
     if kind is int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")

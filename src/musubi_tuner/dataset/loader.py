@@ -114,19 +114,26 @@ class CachedBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: tuple[int, int]) -> dict:
         epoch, i = index
         members = self.epoch_batches(epoch)[i]
-        lat, ctrls, texts = [], [], []
-        for j, _ in members:
-            it = self.items[j]
-            latents, controls = read_latent_cache(it.latent_path)
+        batch = load_items([self.items[j] for j, _ in members])
+        width = max(it.batch_size for it in self.items) * self.num_processes  # widest global batch
+        return {**batch, "sample_keys": [(epoch, i, pos) for _, pos in members], "items": [j for j, _ in members],
+                "ordinals": [(epoch * len(self) + i) * width + pos for _, pos in members]}
+
+
+def load_items(items: list[CachedItem], copies: int = 1) -> dict:
+    """A batch of cached items (of one layout), each repeated `copies` times in a row: latents, control latents,
+    padded text embeddings and mask."""
+    lat, ctrls, texts = [], [], []
+    for it in items:
+        latents, controls = read_latent_cache(it.latent_path)
+        text = read_text_cache(it.text_path)
+        for _ in range(copies):
             lat.append(latents)
             ctrls.append(controls)
-            texts.append(read_text_cache(it.text_path))
-        text, mask = pad_embeds(texts)
-        controls = [torch.stack([c[k] for c in ctrls]) for k in range(len(ctrls[0]))]
-        width = max(it.batch_size for it in self.items) * self.num_processes  # widest global batch
-        return {"latents": torch.stack(lat), "controls": controls, "text": text, "text_mask": mask,
-                "sample_keys": [(epoch, i, pos) for _, pos in members], "items": [j for j, _ in members],
-                "ordinals": [(epoch * len(self) + i) * width + pos for _, pos in members]}
+            texts.append(text)
+    text, mask = pad_embeds(texts)
+    controls = [torch.stack([c[k] for c in ctrls]) for k in range(len(ctrls[0]))]
+    return {"latents": torch.stack(lat), "controls": controls, "text": text, "text_mask": mask}
 
 
 class EpochSampler(torch.utils.data.Sampler):

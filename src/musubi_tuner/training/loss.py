@@ -28,14 +28,21 @@ def sample_generators(seed: int, keys) -> list[torch.Generator]:
     return out
 
 
-def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generators: list[torch.Generator],
-                       device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    x0 = batch["latents"]  # (B, 16, F, h, w)
+def target_latents(batch: dict, version: ModelVersion, args) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(x0 the model learns to denoise (B, 16, F, h, w), reference latents it is conditioned on)."""
+    x0 = batch["latents"]
     refs: list[torch.Tensor] = list(batch.get("controls") or []) if version.is_edit else []
     if version.is_layered:
         x0, cond = split_layered(x0, args.remove_first_image_from_target)
         refs = [cond]
-    b, _, frames, h, w = x0.shape
+    return x0, refs
+
+
+def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generators: list[torch.Generator],
+                       device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The training loss of a batch: noise and t drawn from each sample's generator."""
+    x0, _ = target_latents(batch, version, args)
+    b, _, _, h, w = x0.shape
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
     buckets = getattr(args, "num_timestep_buckets", None)
     ordinals = batch.get("ordinals") or [None] * b
@@ -43,6 +50,14 @@ def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generato
     t = torch.cat([sample_t(args.timestep_sampling, 1, g, **options,
                             strata=[stratum(args.seed, o, buckets)] if buckets and buckets > 1 and o is not None
                             else None) for g, o in zip(generators, ordinals)])
+    return per_sample_loss(model, batch, version, args, t, noise, device, dtype).mean()
+
+
+def per_sample_loss(model, batch: dict, version: ModelVersion, args, t: torch.Tensor, noise: torch.Tensor,
+                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) weighted flow-matching losses at the given t and noise (training and validation share it)."""
+    x0, refs = target_latents(batch, version, args)
+    b, _, frames, h, w = x0.shape
     tt = t.view(b, 1, 1, 1, 1)
     noisy = L.pack((1 - tt) * x0 + tt * noise).to(device)
     target = L.pack(noise - x0).to(device)
@@ -53,4 +68,4 @@ def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generato
     pred = predict_velocity(model, noisy.to(dtype), t.to(device), batch["text"].to(device, dtype), mask, img_shapes,
                             reference.to(dtype) if reference is not None else None, extra)
     per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
-    return (per_sample * loss_weight(args.weighting_scheme, t).to(device)).mean()
+    return per_sample * loss_weight(args.weighting_scheme, t).to(device)

@@ -64,6 +64,14 @@ def loss_log_path(output_dir: Path, output_name: str) -> Path:
     return Path(output_dir) / f"{output_name}_loss_log.csv"
 
 
+def validation_log_path(output_dir: Path, output_name: str) -> Path:
+    return Path(output_dir) / f"{output_name}_validation_log.csv"
+
+
+def _logs(output_dir: Path, output_name: str) -> set[str]:
+    return {loss_log_path(output_dir, output_name).name, validation_log_path(output_dir, output_name).name}
+
+
 def _remove(p: Path) -> None:
     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
@@ -79,12 +87,12 @@ def prune(output_dir: Path, output_name: str, kind: str, keep_from: int, which: 
 
 
 def existing_outputs(output_dir: Path, output_name: str) -> list[Path]:
-    """Checkpoints, states and the loss log of an earlier run with this name."""
+    """Checkpoints, states and the loss / validation logs of an earlier run with this name."""
     d = Path(output_dir)
     if not d.is_dir():
         return []
-    log = loss_log_path(d, output_name).name
-    return sorted(p for p in d.iterdir() if parse_checkpoint(p.name, output_name) or p.name == log)
+    logs = _logs(d, output_name)
+    return sorted(p for p in d.iterdir() if parse_checkpoint(p.name, output_name) or p.name in logs)
 
 
 def remove_leftovers(output_dir: Path, output_name: str) -> int:
@@ -92,13 +100,13 @@ def remove_leftovers(output_dir: Path, output_name: str) -> int:
     d = Path(output_dir)
     if not d.is_dir():
         return 0
-    log = loss_log_path(d, output_name).name
+    logs = _logs(d, output_name)
     removed = 0
     for p in d.iterdir():
         if not (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)):
             continue
         final = p.name[1:-len(TMP_SUFFIX)].rpartition(".")[0]  # .<final>.<random>.tmp
-        if parse_checkpoint(final, output_name) or final == log:
+        if parse_checkpoint(final, output_name) or final in logs:
             _remove(p)
             removed += 1
             logger.info("removed %s (left by an interrupted save)", p)

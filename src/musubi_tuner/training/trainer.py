@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from .. import cli_options as opts
 from ..dataset.config import load_dataset_config
+from ..dataset.holdout import split_items
 from ..dataset.items import collect_items
 from ..dataset.loader import CachedBatches, check_caches, make_loader
-from ..errors import UserError
+from ..errors import UserError, plural
 from ..fileio import check_writable_folder
 from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
@@ -40,7 +41,9 @@ from .metadata import modelspec, training_metadata, weights_metadata
 from .optim import build_optimizer, build_scheduler
 from .outputs import (
     LossLog, RunLock, checkpoint_name, existing_outputs, keep_copy, loss_log_path, prune, remove_leftovers,
+    validation_log_path,
 )
+from .validation import Validator, check_validation_options, default_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,7 @@ class Checked:
     configs: list
     cached: list
     sample_jobs: list | None
+    validation: list = ()  # held-out CachedItems
 
 
 def validate(args, version: ModelVersion, mode: Mode) -> Checked:
@@ -153,6 +157,7 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     if args.remove_first_image_from_target and not version.is_layered:
         raise UserError("--remove_first_image_from_target only applies to --model_version layered")
     check_ranges(args)
+    check_validation_options(args)
     for bw in args.base_weights or []:
         expect(bw, "--base_weights", "lora", version)
     if args.base_weights_multiplier and len(args.base_weights_multiplier) not in (1, len(args.base_weights or [])):
@@ -168,7 +173,12 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
 
         jobs = plan_samples(args, version, configs[0])
     items = collect_items(configs, version)
-    return Checked(configs, check_caches(items, version, args.vae, args.text_encoder), jobs)
+    seed = args.seed if args.validation_seed is None else args.validation_seed
+    train, held = split_items(items, args.validation_split, seed)
+    if held:
+        logger.info("validation: %s held out (never trained on)", plural(len(held), "item"))
+    return Checked(configs, check_caches(train, version, args.vae, args.text_encoder), jobs,
+                   check_caches(held, version, args.vae, args.text_encoder) if held else [])
 
 
 def resume_check(args, mode: Mode, version: ModelVersion, total_steps: int) -> int | None:
@@ -302,6 +312,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
 
         sampler = TrainingSampler(args, version, device, compute_dtype, checked.sample_jobs)
 
+    validator = make_validator(args, checked.validation, accelerator.is_main_process)
     transformer, _ = load_dit_with_options(args, version, mode.dit_dtype(args), device, training=True)
     set_attention(transformer, attention_mode(args)[0])
     groups = mode.setup(transformer, args)
@@ -372,12 +383,23 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
             sampler(transformer, epoch, state.global_step, accelerator)
         bar.unpause()  # the progress bar's rate counts training only
 
+    validated_at = [None]
+
+    def validation(epoch: int) -> None:
+        result = validator.run(transformer, version, args, accelerator, device, compute_dtype, state.global_step,
+                               epoch)
+        validated_at[0] = state.global_step
+        postfix["val"] = f"{result['mean']:.4f}"
+        bar.set_postfix(postfix)
+        bar.unpause()
+
     trainable.train()
     trace = Trace(accelerator.process_index)
     losses: list[float] = []
     # the progress bar's average covers the whole run, also across a resume (from the loss log)
     step_losses = [float(r["loss"]) for r in loss_log.rows()] if (loss_log is not None and args.resume) else []
     bar = tqdm(total=total_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    postfix: dict[str, str] = {}  # the bar's figures: loss, avg, lr, and the last validation mean
     last = boundary()
     updating = False  # True while weights change (optimizer step, fused backward): no consistent state to save
     stop = StopRequest()
@@ -385,6 +407,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
         with stop:
             if sampler and args.sample_at_first and not args.resume:
                 sample(0)
+            if validator and args.validate_at_start and not args.resume:
+                validation(0)
             start_batch = state.batch
             for epoch in range(state.epoch, num_epochs):
                 if state.global_step >= total_steps:
@@ -403,7 +427,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                                         "lower --learning_rate, use --mixed_precision bf16 or check the caches")
                     updating = mode.fused is not None  # the fused backward pass steps parameters as it goes
                     accelerator.backward(loss / ga)
-                    trace.record(batch["items"])
+                    trace.record([dataset.items[j].latent_path.name for j in batch["items"]])
                     micro += 1
                     losses.append(loss.item())
                     if micro % ga and not is_last:
@@ -427,8 +451,9 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                     step_losses.append(step_loss)
                     lr = scheduler.get_last_lr()[0]
                     bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{sum(step_losses) / len(step_losses):.4f}",
-                                    lr=f"{lr:.2e}")
+                    postfix.update(loss=f"{step_loss:.4f}", avg=f"{sum(step_losses) / len(step_losses):.4f}",
+                                   lr=f"{lr:.2e}")
+                    bar.set_postfix(postfix)
                     accelerator.log({"loss/current": step_loss, "lr": lr, "epoch": epoch + 1, **step_logs},
                                     step=state.global_step)
                     if loss_log is not None:
@@ -444,6 +469,9 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                         raise Stopped
                     if sampler and args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0:
                         sample(epoch + 1)
+                    if validator and args.validate_every_n_steps and \
+                            state.global_step % args.validate_every_n_steps == 0:
+                        validation(epoch + 1)
                     if state.global_step >= total_steps:
                         break
                 start_batch = 0
@@ -459,10 +487,16 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                     raise Stopped
                 if sampler and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
                     sample(epoch + 1)
+                if validator and validated_at[0] != state.global_step and (
+                        (epoch + 1) % args.validate_every_n_epochs == 0 if args.validate_every_n_epochs
+                        else not args.validate_every_n_steps):
+                    validation(epoch + 1)
     except BaseException as e:  # noqa: BLE001 - every way out of the loop keeps the progress made
         bar.close()
         _stop_and_save(e, stop, args, mode, accelerator, last, updating, start_step, save)
         raise AssertionError("unreachable")  # _stop_and_save always exits
+    if validator and validated_at[0] != state.global_step:  # the trained model's figure
+        validation(epoch_number(state))
     bar.close()
     trace.write(trainable)
     final_at = boundary()
@@ -479,7 +513,30 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
     accelerator.end_training()
     return {"final": final, "losses": losses, "steps": state.global_step,
             "loss_log": loss_log_path(output_dir, args.output_name), "logging_dir": Path(accelerator.logging_dir),
-            "sample_dir": output_dir / "sample"}
+            "sample_dir": output_dir / "sample",
+            "validation": validator.history if validator else [],
+            "validation_log": validation_log_path(output_dir, args.output_name) if validator else None}
+
+
+def make_validator(args, items: list, is_main: bool) -> Validator | None:
+    """The validation set (held-out items sorted by name, at most --max_validation_steps), its sigmas and log."""
+    if not items:
+        if args.validate_every_n_steps or args.validate_every_n_epochs or args.validate_at_start:
+            logger.warning("validation options given, but no item is held out: set validation_split or validation = "
+                           "true in the dataset config, or --validation_split")
+        return None
+    items = sorted(items, key=lambda it: str(it.latent_path))[:args.max_validation_steps]
+    latent_shape = items[0].layout[0]
+    sigmas = args.validation_sigmas or default_sigmas(args, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+    log = None
+    if is_main:
+        log = LossLog(validation_log_path(args.output_dir, args.output_name), Validator.columns(sigmas))
+        log.start(read_state_meta(args.resume)["global_step"] if args.resume else None)
+    validator = Validator(items, sigmas, args.seed if args.validation_seed is None else args.validation_seed, log)
+    if args.resume:
+        validator.resume()
+    logger.info("validation: %s x sigmas %s per pass", plural(len(items), "item"), ", ".join(f"{s:g}" for s in sigmas))
+    return validator
 
 
 def _stop_and_save(error: BaseException, stop: StopRequest, args, mode: Mode, accelerator, last: Boundary,
