@@ -55,7 +55,26 @@ def reference(version, models):
               text_encoder=tiny.tiny_text_encoder(tok), tokenizer=tok, transformer=tiny.tiny_dit(v))
     kw["processor"] = AutoProcessor.from_pretrained(models["tokenizer"])
     assert kw["processor"].image_processor.size["longest_edge"] == tiny.TINY_IMAGE_PROCESSOR["size"]["longest_edge"]
+    forward_token_types(kw["text_encoder"], kw["processor"])
     return PIPELINES[version](**kw)
+
+
+def forward_token_types(text_encoder, processor):
+    """diffusers 0.42's edit pipelines call the text encoder without the processor's mm_token_type_ids, which
+    transformers 5 needs to place image tokens on Qwen2.5-VL's 3D RoPE grid (diffusers issue #14194, fix in PR
+    #14189): the prompt embeddings then differ from those the models were trained with (transformers 4). The
+    reference gets that fix: the token types from transformers' own processor, as the processor returns them."""
+    import functools
+
+    real = text_encoder.forward
+
+    @functools.wraps(real)  # generate() reads the signature
+    def forward(*a, input_ids=None, **kw):
+        if input_ids is not None and kw.get("image_grid_thw") is not None and kw.get("mm_token_type_ids") is None:
+            kw["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(input_ids), dtype=torch.long)
+        return real(*a, input_ids=input_ids, **kw)
+
+    text_encoder.forward = forward
 
 
 def picture(path, size, colour, rgba=False):
@@ -125,6 +144,10 @@ def test_edit_prompt_embeddings_equal_the_pipeline_with_transformers_processor(t
     err = (ours_emb - ref[0, :n].detach()).abs().max().item()
     print(f"{version}: max |diff| of the prompt embeddings = {err:.2e}")
     assert err < 1e-4
+    # the image tokens' 3D positions matter: the pipeline without the token types (diffusers#14194) differs
+    pipe.text_encoder.forward = type(pipe.text_encoder).forward.__get__(pipe.text_encoder)
+    unfixed, _ = pipe.encode_prompt("make it blue", image=imgs[0] if version == "edit" else imgs, device="cpu")
+    assert (ours_emb - unfixed[0, :n]).abs().max().item() > 1e-3
 
 
 def test_layered_parity_with_diffusers(tmp_path, model_sets):

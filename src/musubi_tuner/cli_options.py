@@ -43,6 +43,14 @@ def version_from_args(args: argparse.Namespace) -> ModelVersion:
     return resolve_version(args.model_version, args.edit, args.edit_plus)
 
 
+def add_caption_args(g) -> None:
+    """Automatic captions of layered inputs without a prompt (generation and sampling during training)."""
+    g.add_argument("--automatic_prompt_lang_for_layered", choices=["en", "cn", "zh"], default=None,
+                   help="layered: language of the automatic caption made when a prompt is left empty (the text encoder "
+                        "describes the image to decompose, as diffusers' QwenImageLayeredPipeline does; default: cn, "
+                        "the pipeline's default; needs a text encoder with its lm_head)")
+
+
 def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     g = p.add_argument_group("memory")
     if training:
@@ -207,6 +215,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sample_every_n_epochs", type=int, default=None)
     s.add_argument("--sample_every_n_steps", type=int, default=None)
     s.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
+    add_caption_args(s)
     v = p.add_argument_group(
         "validation loss", "The training loss on held-out items at fixed sigmas with fixed noise. A pass over N items "
         "and S sigmas costs N x S forward passes (N batches of S). Held-out items: a dataset's `validation = true`, "

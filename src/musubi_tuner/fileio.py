@@ -66,9 +66,17 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return Path(path)
 
 
-def save_image(image, path: str | os.PathLike, **kwargs) -> Path:
-    """Save a PIL image; the format comes from the final name's suffix."""
+def save_image(image, path: str | os.PathLike, text: dict[str, str] | None = None, **kwargs) -> Path:
+    """Save a PIL image; the format comes from the final name's suffix; `text`: PNG text chunks (UTF-8 iTXt, so any
+    language), e.g. the generation parameters."""
     path = Path(path)
+    if text and path.suffix.lower() == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_itxt(k, str(v))
+        kwargs["pnginfo"] = info
     with atomic_path(path) as tmp:
         image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"), **kwargs)
     return path

@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=opts.HelpFormatter)
     opts.add_model_args(p)
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt", help="prompt text (layered: leave it out to caption the image automatically)")
     g.add_argument("--negative_prompt", default=None, help="negative prompt for CFG (default: ' ')")
+    opts.add_caption_args(g)
     g.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="height and width, multiples of 16 (default 1024 1024; edit/layered: from the first control)")
     g.add_argument("--infer_steps", type=int, default=25, help="number of denoising steps")

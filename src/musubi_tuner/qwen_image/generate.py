@@ -29,6 +29,7 @@ from .denoise import predict_velocity
 from .model_files import expect
 from .prompts import GenerationSpec, check_spec, read_prompt_file
 from .sampler import cfg_combine, flow_sigmas, layered_sigmas, sample
+from .captioning import caption_image, caption_language, check_caption_model
 from .text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
 from .vae import decode, encode, load_vae
 from .versions import ModelVersion
@@ -58,6 +59,11 @@ class Job:
     reference: torch.Tensor | None = None  # packed reference latents (1, N, 64)
     ref_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     first_control: torch.Tensor | None = None  # packed first control latent (inpainting / RCM)
+
+    def vl_images(self, version: ModelVersion) -> list[Image.Image]:
+        """What the text encoder sees: edit prompts read the control images as loaded; a layered prompt left empty is
+        captioned from the image to decompose at its generation size (as the reference pipeline does)."""
+        return self.prepared if version.is_layered else self.controls
 
 
 def quantize_text_encoder(te, device) -> None:
@@ -92,6 +98,8 @@ class TextEncoderSession:
         self.te = load_text_encoder(args.text_encoder, te_dtype, keep_on or self.device)
         if getattr(args, "fp8_vl", False):
             quantize_text_encoder(self.te, self.device)
+        self.caption_language = getattr(args, "automatic_prompt_lang_for_layered", None)
+        self.text_encoder_path = args.text_encoder
         self.cache: dict = {}
 
     def encode(self, text: str, imgs: list) -> torch.Tensor:
@@ -102,7 +110,23 @@ class TextEncoderSession:
                                                                                                        torch.float32)
         return self.cache[key]
 
+    def caption(self, spec: GenerationSpec, image: Image.Image) -> None:
+        """A layered prompt left empty becomes the caption of the image to decompose (once per image)."""
+        lang = caption_language(self.caption_language)
+        key = ("caption", id(image), lang)
+        if key not in self.cache:
+            check_caption_model(self.text_encoder_path)
+            self.cache[key] = caption_image(self.te, self.processor, image, lang, self.device)
+        spec.prompt, spec.caption_language = self.cache[key], lang
+        print(f"automatic caption ({lang}) of {spec.control_images[0] if spec.control_images else 'the image'}: "
+              f"{spec.prompt}")
+
     def encode_spec(self, spec: GenerationSpec, imgs: list) -> Encoded:
+        if self.version.is_layered and not spec.prompt.strip():
+            if not imgs:
+                raise UserError("a layered prompt without text needs the image to decompose (--control_image_path / "
+                                "--ci) to caption")
+            self.caption(spec, imgs[0])
         neg = self.encode(negative_of(spec), imgs) if spec.guidance_scale != 1 else None
         return Encoded(self.encode(spec.prompt, imgs), neg)
 
@@ -184,6 +208,8 @@ def spec_metadata(spec: GenerationSpec, version: ModelVersion) -> dict[str, str]
     }
     if spec.control_images:
         md["control_images"] = "|".join(spec.control_images)
+    if spec.caption_language:
+        md["automatic_caption"] = spec.caption_language
     return md
 
 
@@ -217,18 +243,20 @@ def frame_names(frames: int, composite_first: bool = True) -> list[str]:
     return [f"_layer{k}" for k in range(1, frames + 1)]
 
 
-def decode_and_save(vae, items: list[tuple[torch.Tensor, Path]], tiling: bool, composite_first: bool = True
-                    ) -> list[Path]:
-    """Latents (16, F, h, w) -> one PNG, or one RGBA PNG per frame named by what it holds (frame_names)."""
+def decode_and_save(vae, items: list[tuple[torch.Tensor, Path]], tiling: bool, composite_first: bool = True,
+                    metadata: list[dict[str, str]] | None = None) -> list[Path]:
+    """Latents (16, F, h, w) -> one PNG, or one RGBA PNG per frame named by what it holds (frame_names); `metadata`
+    (one dict per item, e.g. the prompt and seed) goes into each PNG's text chunks."""
     if tiling:
         vae.enable_tiling()
     saved = []
-    for lat, stem in items:
+    for i, (lat, stem) in enumerate(items):
         lat = lat.unsqueeze(0) if lat.ndim == 4 else lat
         names = frame_names(lat.shape[2], composite_first)
         for f, suffix in enumerate(names):
             pixels = decode(vae, lat[:, :, f:f + 1])[0, :, 0]
-            saved.append(save_image(to_pil(pixels), stem.with_name(stem.name + suffix + ".png")))
+            saved.append(save_image(to_pil(pixels), stem.with_name(stem.name + suffix + ".png"),
+                                    text=metadata[i] if metadata else None))
             logger.info("saved %s", saved[-1])
     return saved
 
@@ -260,13 +288,21 @@ def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[Generat
     )
     check_spec(defaults)
     if args.from_file:
-        specs = read_prompt_file(args.from_file, defaults)
-    elif args.prompt:
+        specs = read_prompt_file(args.from_file, defaults, allow_empty=version.is_layered)
+    elif args.prompt or (version.is_layered and args.control_image_path):  # layered: an empty prompt is captioned
         specs = [defaults]
     else:
         raise UserError("give --prompt TEXT, --from_file FILE or --interactive (or --latent_path to decode saved "
                         "latents)")
-    return build_specs_from(args, version, specs)
+    specs = build_specs_from(args, version, specs)
+    check_captioning(args, specs)
+    return specs
+
+
+def check_captioning(args, specs: list[GenerationSpec], option: str = "--text_encoder") -> None:
+    """Prompts left empty (layered) are captioned by the text encoder: its file must hold the language-model head."""
+    if any(not s.prompt.strip() for s in specs) and args.text_encoder:
+        check_caption_model(args.text_encoder, option)
 
 
 def build_specs_from(args: argparse.Namespace, version: ModelVersion, specs: list[GenerationSpec]
@@ -375,7 +411,8 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     decode_images = args.output_type in ("images", "latent_images")
     check_models(args, version, decode_images or has_controls)
 
-    encoded = encode_all(specs, args, version, device, dtype, [j.controls for j in jobs] if has_controls else None)
+    encoded = encode_all(specs, args, version, device, dtype, [j.vl_images(version) for j in jobs] if has_controls
+                         else None)
     for job, enc in zip(jobs, encoded):
         job.encoded = enc
     vae = None
@@ -414,7 +451,8 @@ def save_results(results, args, version: ModelVersion, vae) -> list[Path]:
             logger.info("saved %s", saved[-1])
     if args.output_type in ("images", "latent_images"):
         saved += decode_and_save(vae, [(lat, stem) for lat, stem, _ in results], args.vae_enable_tiling,
-                                 composite_first=not (version.is_layered and trained_without_composite(args)))
+                                 composite_first=not (version.is_layered and trained_without_composite(args)),
+                                 metadata=[result_metadata(spec, version, args) for _, _, spec in results])
     return saved
 
 
@@ -477,13 +515,13 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
         if not line.strip():
             continue
         try:
-            spec = parse_prompt_line(line, defaults, "prompt")
+            spec = parse_prompt_line(line, defaults, "prompt", allow_empty=version.is_layered)
             check_spec(spec, "prompt", LINE_NAMES)
             one = argparse.Namespace(**{**vars(args), "prompt": spec.prompt, "from_file": None})
             spec = build_specs_from(one, version, [spec])[0]
             job = resolve_controls([spec], one, version)[0]
             session.te.to(session.device)
-            job.encoded = session.encode_spec(spec, job.controls if job.prepared else [])
+            job.encoded = session.encode_spec(spec, job.vl_images(version) if job.prepared else [])
             session.te.to("cpu")
             free_memory()
             if job.prepared:

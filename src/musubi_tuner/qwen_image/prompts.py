@@ -46,6 +46,7 @@ class GenerationSpec:
     rcm_relative: bool = False
     rcm_kernel_size: int = 3
     rcm_dilate_size: int = 0
+    caption_language: str | None = None  # set when the prompt is an automatic caption (layered without a prompt)
 
     def resolved_seed(self) -> int:
         if self.seed is None:
@@ -93,7 +94,8 @@ def _warn_once(seen: set, what: str, where: str) -> None:
 
 
 def parse_prompt_line(line: str, defaults: GenerationSpec, where: str = "prompt line", training: bool = False,
-                      warned: set | None = None) -> GenerationSpec:
+                      warned: set | None = None, allow_empty: bool = False) -> GenerationSpec:
+    """One prompt line; `allow_empty`: a line of options only (layered: the image is captioned)."""
     warned = set() if warned is None else warned
     parts = (" " + line.strip()).split(" --")
     spec = dataclasses.replace(defaults, prompt=parts[0].strip(), control_images=list(defaults.control_images))
@@ -119,13 +121,13 @@ def parse_prompt_line(line: str, defaults: GenerationSpec, where: str = "prompt 
             spec.control_images.append(v)
         else:
             setattr(spec, attr, v)
-    if not spec.prompt:
+    if not spec.prompt and not allow_empty:
         raise UserError(f"{where}: empty prompt")
     return spec
 
 
 def spec_from_table(table: dict, defaults: GenerationSpec, where: str, training: bool = False,
-                    warned: set | None = None) -> GenerationSpec:
+                    warned: set | None = None, allow_empty: bool = False) -> GenerationSpec:
     """A musubi-tuner prompt table ({"prompt": ..., "width": ..., ...}) as a spec."""
     warned = set() if warned is None else warned
     spec = dataclasses.replace(defaults, control_images=list(defaults.control_images))
@@ -152,7 +154,7 @@ def spec_from_table(table: dict, defaults: GenerationSpec, where: str, training:
         if not ok:
             raise UserError(f"{where}: {key} must be a {conv.__name__}, got {value!r}")
         setattr(spec, attr, conv(value))
-    if not spec.prompt:
+    if not spec.prompt and not allow_empty:
         raise UserError(f"{where}: empty prompt")
     return spec
 
@@ -214,8 +216,10 @@ def check_spec(spec: GenerationSpec, where: str = "", names: dict[str, str] = CL
         bad("mask_path", spec.mask_path, "is not a file")
 
 
-def read_prompt_file(path: str | Path, defaults: GenerationSpec, training: bool = False) -> list[GenerationSpec]:
-    """Every prompt of a text, .toml or .json prompt file, each checked (values, files) before any model loads."""
+def read_prompt_file(path: str | Path, defaults: GenerationSpec, training: bool = False, allow_empty: bool = False
+                     ) -> list[GenerationSpec]:
+    """Every prompt of a text, .toml or .json prompt file, each checked (values, files) before any model loads;
+    `allow_empty`: lines of options only are prompts too (layered: the image is captioned)."""
     from ..fileio import read_text
 
     p = Path(path)
@@ -244,17 +248,17 @@ def read_prompt_file(path: str | Path, defaults: GenerationSpec, training: bool 
         for i, entry in enumerate(entries, 1):
             where = f"{p}: prompt {i}"
             if isinstance(entry, str):
-                specs.append(parse_prompt_line(entry, defaults, where, training, warned))
+                specs.append(parse_prompt_line(entry, defaults, where, training, warned, allow_empty))
                 check_spec(specs[-1], where, LINE_NAMES)
             elif isinstance(entry, dict):
-                specs.append(spec_from_table(entry, defaults, where, training, warned))
+                specs.append(spec_from_table(entry, defaults, where, training, warned, allow_empty))
                 check_spec(specs[-1], where, TABLE_NAMES)
             else:
                 raise UserError(f"{where}: expected a prompt line or a table, got {type(entry).__name__}")
     else:
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.lstrip().startswith("#"):
-                specs.append(parse_prompt_line(line, defaults, f"{p}:{i}", training, warned))
+                specs.append(parse_prompt_line(line, defaults, f"{p}:{i}", training, warned, allow_empty))
                 check_spec(specs[-1], f"{p}:{i}", LINE_NAMES)
     if not specs:
         raise UserError(f"{p}: no prompts")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from accelerate import init_empty_weights
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ..errors import UserError
 from .model_files import expect
@@ -113,13 +113,17 @@ def load_text_encoder(
     with init_empty_weights():
         model = Qwen2_5_VLForConditionalGeneration(config)
     state = load_tensors(files, dtype, device, key_map=_comfy_key)
-    if "lm_head.weight" not in state:  # tied or stripped: the encoder output does not use it
+    model.has_lm_head = "lm_head.weight" in state or bool(getattr(config, "tie_word_embeddings", False))
+    if "lm_head.weight" not in state:  # tied or stripped: the encoder output does not use it (captioning does)
         state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
     missing = set(model.state_dict().keys()) - state.keys()
     if missing:
         raise UserError(f"{option}: {files[0]} is missing {len(missing)} Qwen2.5-VL tensors (e.g. {sorted(missing)[0]})")
     model.load_state_dict(state, assign=True, strict=False)
     model.to(device)  # buffers created at init (e.g. rotary inv_freq) follow the weights
+    model.generation_config_from_file = (cfg_dir / "generation_config.json").is_file()
+    if model.generation_config_from_file:  # as from_pretrained reads it (automatic captions use it)
+        model.generation_config = GenerationConfig.from_pretrained(cfg_dir)
     model.eval().requires_grad_(False)
     logger.info("loaded text encoder %s (%d layers, hidden %d)", files[0].name, config.text_config.num_hidden_layers,
                 config.text_config.hidden_size)
@@ -269,7 +273,13 @@ class VLProcessor:
             extra = {"pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
         enc = self.tokenizer(text, padding=True, return_tensors="pt",
                              **({"max_length": max_length, "truncation": True} if max_length and not images else {}))
-        return BatchFeature({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **extra})
+        ids = enc["input_ids"]
+        # modality of each token (1 image, 2 video): the model places image tokens on its 3D (mrope) grid with these
+        kinds = torch.zeros_like(ids)
+        kinds[ids == self.tokenizer.convert_tokens_to_ids(self.image_token)] = 1
+        kinds[ids == self.tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
+        return BatchFeature({"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": kinds,
+                             **extra})
 
 
 def load_processor(tokenizer, tokenizer_path: str | None = None, text_encoder_path: str | None = None) -> VLProcessor:

@@ -2,7 +2,8 @@
 version, with the training data's sizes: a prompt without --w/--h gets the size its training images get (text-to-
 image: the dataset's resolution; edit and layered: the bucket of the first --ci image at that resolution), and edit
 controls are prepared as the dataset prepares them (the target's size, control_resolution or no_resize_control).
-Layered prompts take the image to decompose with --ci and the layer count with --f."""
+Layered prompts take the image to decompose with --ci and the layer count with --f; a layered line without text is
+captioned by the text encoder once, before training, and that caption is used at every sampling step."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..dataset.config import DatasetConfig
 from ..dataset.prepare import prepare_control
 from ..errors import UserError
 from ..qwen_image import edit as E
-from ..qwen_image.generate import Job, decode_and_save, denoise, encode_all, encode_controls, frame_names
+from ..qwen_image.generate import (Job, check_captioning, decode_and_save, denoise, encode_all, encode_controls,
+                                   frame_names, spec_metadata)
 from ..qwen_image.prompts import GenerationSpec, read_prompt_file
 from ..qwen_image.vae import load_vae
 from ..qwen_image.versions import ModelVersion
@@ -26,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 def _generation_args(args) -> argparse.Namespace:
-    return argparse.Namespace(tokenizer=args.tokenizer, text_encoder=args.text_encoder, text_encoder_cpu=False)
+    return argparse.Namespace(tokenizer=args.tokenizer, text_encoder=args.text_encoder, text_encoder_cpu=False,
+                              fp8_vl=getattr(args, "fp8_vl", False),
+                              automatic_prompt_lang_for_layered=getattr(args, "automatic_prompt_lang_for_layered", None))
 
 
 def plan_samples(args, version: ModelVersion, cfg: DatasetConfig) -> list[Job]:
@@ -34,7 +38,8 @@ def plan_samples(args, version: ModelVersion, cfg: DatasetConfig) -> list[Job]:
     training data of `cfg`, before any model loads, so a bad line is an error at the start, not at the first
     sampling step hours later."""
     defaults = GenerationSpec(prompt="", height=None, width=None, steps=20, guidance_scale=4.0, seed=42)
-    specs = read_prompt_file(args.sample_prompts, defaults, training=True)
+    specs = read_prompt_file(args.sample_prompts, defaults, training=True, allow_empty=version.is_layered)
+    check_captioning(args, specs)
     jobs = []
     for i, s in enumerate(specs, 1):
         where = f"--sample_prompts {args.sample_prompts}: prompt {i}"
@@ -70,7 +75,7 @@ class TrainingSampler:
         self.specs = [j.spec for j in jobs]
         has_controls = any(j.prepared for j in self.jobs)
         encoded = encode_all(self.specs, _generation_args(args), version, device, dtype,
-                             [j.controls for j in self.jobs] if has_controls else None)
+                             [j.vl_images(version) for j in self.jobs] if has_controls else None)
         for job, enc in zip(self.jobs, encoded):
             job.encoded = enc
         self.vae = load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device, version.vae_channels)
@@ -88,7 +93,8 @@ class TrainingSampler:
             lat = denoise(model, spec, job.encoded, self.device, self.dtype, self.version, job, progress=False)
             stem = self.folder / f"{self.args.output_name}_e{epoch:06d}_s{step:06d}_{i:02d}_{spec.seed}"
             composite_first = not self.args.remove_first_image_from_target
-            paths = decode_and_save(self.vae, [(lat[0], stem)], tiling=False, composite_first=composite_first)
+            paths = decode_and_save(self.vae, [(lat[0], stem)], tiling=False, composite_first=composite_first,
+                                    metadata=[{**spec_metadata(spec, self.version), "step": str(step)}])
             saved += paths
             if accelerator is not None:
                 for tracker in accelerator.trackers:
