@@ -188,3 +188,92 @@ def test_loader_peak_rss_stays_near_one_copy(tmp_path):
     growth = (peak - base) / size
     print(f"loader: {size / 2**30:.2f} GiB loaded, peak RSS growth {growth:.3f}x")
     assert size == 2 * 2**30 and growth < 1.3
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16, torch.float32])
+def test_mapped_loader_is_bit_identical_to_load_file(tmp_path, source):
+    """Every conversion the loader makes (to bf16, fp32, fp8, or none) gives load_file's tensors converted the same
+    way, bit for bit; an odd-sized tensor before a wider one (unaligned in the file) included; fp8 scaled as the
+    quantiser gives it from load_file's tensor."""
+    from safetensors.torch import load_file
+
+    from musubi_tuner.fileio import save_safetensors
+    from musubi_tuner.memory.fp8 import quantize_weight
+    from musubi_tuner.qwen_image.weights import load_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.odd": torch.randn(3, 5, generator=g).to(source), "b.weight": torch.randn(64, 48, generator=g).to(source),
+               "c.wide": torch.randn(7, generator=g).double(), "d.ids": torch.arange(5, dtype=torch.int64),
+               "e.empty": torch.zeros(0, 4, dtype=source)}
+    path = tmp_path / "w.safetensors"
+    save_safetensors(tensors, path)
+    ref = load_file(path)
+    for target in (None, torch.bfloat16, torch.float32, torch.float8_e4m3fn):
+        got = load_tensors([path], target)
+        assert got.keys() == ref.keys()
+        for k, r in ref.items():
+            want = r.to(target) if target is not None and r.is_floating_point() else r
+            assert got[k].dtype == want.dtype and got[k].shape == want.shape, (k, target)
+            assert torch.equal(got[k].view(torch.uint8), want.view(torch.uint8)), (k, target)
+    q = load_tensors([path], torch.bfloat16, transform=lambda k, t: dict(zip((k, k + ".scale"), quantize_weight(t)))
+                     if k == "b.weight" else {k: t})
+    w32 = ref["b.weight"].to(torch.bfloat16).float()  # the per-row formula, spelled out
+    want_s = (w32.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    want_q = (w32 / want_s).to(torch.float8_e4m3fn)
+    assert torch.equal(q["b.weight"].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(q["b.weight.scale"],
+                                                                                                   want_s)
+    from musubi_tuner.memory.fp8 import _quantize_rows
+
+    bq, bs = _quantize_rows(w32.to(torch.bfloat16), rows=7)  # bands that do not divide the rows
+    assert torch.equal(bq.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(bs, want_s)
+
+
+def test_kept_tensors_are_copy_on_write_views_of_the_file(tmp_path):
+    """A tensor loaded in its file dtype shares the page cache (no copy); writing into it (training) never changes
+    the file."""
+    from musubi_tuner.fileio import save_safetensors
+    from musubi_tuner.qwen_image.weights import load_tensors
+
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"w": torch.ones(1024, 1024, dtype=torch.bfloat16)}, path)
+    before = path.read_bytes()
+    w = load_tensors([path], torch.bfloat16)["w"]
+    w.mul_(3)
+    assert float(w[0, 0]) == 3.0 and path.read_bytes() == before
+    assert float(load_tensors([path], torch.bfloat16)["w"][0, 0]) == 1.0
+
+
+FP8_RSS_PROBE = r"""
+import sys, torch
+from pathlib import Path
+from musubi_tuner.memory.fp8 import quantize_weight
+from musubi_tuner.qwen_image.weights import load_tensors
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+base = rss("VmRSS:")
+sd = load_tensors([Path(sys.argv[1])], torch.bfloat16, transform=lambda k, t: dict(zip((k, k + ".s"), quantize_weight(t))))
+print(base, rss("VmHWM:"))
+"""
+
+
+def test_fp8_load_peaks_near_the_fp8_size(tmp_path):
+    """bf16 -> fp8 scaled as the file streams: peak RSS growth at most 0.6x the bf16 file (the fp8 model is 0.5x;
+    each source tensor's pages are given back once it is quantised)."""
+    import subprocess
+    import sys
+
+    from musubi_tuner.fileio import save_safetensors_streaming
+
+    path = tmp_path / "big.safetensors"
+    chunk = torch.full((2048, 2048), 0.5, dtype=torch.bfloat16)  # 8 MiB each (the quantiser's fp32 temporaries of
+    save_safetensors_streaming({f"blocks.{i}.weight": chunk for i in range(128)}, path)  # one tensor are 4x that)
+    out = subprocess.run([sys.executable, "-c", FP8_RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    base, peak = map(int, out.stdout.split())
+    growth = (peak - base) / path.stat().st_size
+    print(f"bf16 -> fp8: peak RSS growth {growth:.3f}x the bf16 file")
+    assert growth < 0.6

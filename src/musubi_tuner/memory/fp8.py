@@ -28,6 +28,8 @@ def quantize_weight(w: torch.Tensor, mode: str = "channel", block_size: int = 64
 
     mode "tensor": scale 1 (plain cast, --fp8_base); "channel": one scale per output row, shape (out, 1);
     "block": one scale per row and block of `block_size` inputs, shape (out, in // block_size, 1)."""
+    if mode == "channel" and w.ndim == 2:
+        return _quantize_rows(w)
     w32 = w.float()
     if mode == "tensor":
         return w32.clamp(-FP8_MAX, FP8_MAX).to(FP8), torch.ones((), dtype=torch.float32, device=w.device)
@@ -37,6 +39,25 @@ def quantize_weight(w: torch.Tensor, mode: str = "channel", block_size: int = 64
         return (blocks / scale).to(FP8).view_as(w), scale
     scale = (w32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
     return (w32 / scale).to(FP8), scale
+
+
+def _quantize_rows(w: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scales, a band of rows at a time through one reused float32 buffer: the same bits as the whole-tensor
+    formula, about twice as fast on the CPU (the band stays in cache), and no whole-tensor float32 temporaries (an
+    fp8 load stays near the fp8 size)."""
+    rows = rows or max(1, (4 << 20) // max(1, w.shape[1] * 4))  # ~4 MiB float32 bands
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
+    band = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=torch.float32, device=w.device)
+    for o in range(0, w.shape[0], rows):
+        n = min(rows, w.shape[0] - o)
+        b = band[:n]
+        b.copy_(w[o:o + n])
+        lo, hi = torch.aminmax(b, dim=1, keepdim=True)
+        s = (torch.maximum(-lo, hi) / FP8_MAX).clamp_(min=1e-12)
+        scale[o:o + n] = s
+        q[o:o + n] = b.div_(s)
+    return q, scale
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -117,13 +117,8 @@ def iter_file_tensors(path: Path):
     map, so resident memory holds only the tensors the caller keeps."""
     with open(path, "rb") as f:
         header, base = parse_header(f, path)
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                         key=lambda kv: kv[1]["data_offsets"][0])
-        for key, info in entries:
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-            t = torch.empty(info["shape"], dtype=dtype)
+        for key, info in _entries(header, path):
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
             start, end = info["data_offsets"]
             if end > start:
                 f.seek(base + start)
@@ -131,6 +126,102 @@ def iter_file_tensors(path: Path):
                 if f.readinto(buf) != end - start:
                     raise UserError(f"{path}: file is truncated (tensor {key}); download it again")
             yield key, t
+
+
+def _entries(header: dict, path: Path) -> list[tuple[str, dict]]:
+    """The header's tensors in file order, each dtype checked."""
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    for key, info in entries:
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+    return entries
+
+
+MADV_POPULATE_READ = 22  # map every page of the file, read-only faults (no copy); not in the mmap module yet
+
+
+def _advise(m, option: int) -> bool:
+    try:
+        m.madvise(option)
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class MappedFile:
+    """A safetensors file mapped copy-on-write (MAP_PRIVATE): its tensors are views of the page cache, so a tensor
+    kept in the file's dtype on the CPU costs no copy and no fresh memory (its pages are the file's), and a
+    converted one reads its source pages once and gives them back (MADV_DONTNEED) as soon as it is converted.
+    Writing into a kept tensor (training) copies only the pages written; the file never changes. `populate` maps the
+    whole file up front in the kernel (MADV_POPULATE_READ: about what `cat` costs, no copy; MAP_POPULATE would copy
+    every page of a writable private mapping)."""
+
+    def __init__(self, path: Path, populate: bool = False):
+        import mmap
+
+        self.path = path
+        with open(path, "rb") as f:
+            self.header, self.base = parse_header(f, path)
+            size = os.fstat(f.fileno()).st_size
+            self.map = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.page = mmap.PAGESIZE
+        if populate and not _advise(self.map, MADV_POPULATE_READ):  # Linux 5.14+; MAP_POPULATE would copy (COW)
+            _advise(self.map, getattr(mmap, "MADV_WILLNEED", -1))
+        elif not populate:
+            _advise(self.map, getattr(mmap, "MADV_SEQUENTIAL", -1))  # aggressive read-ahead for the in-order walk
+
+    def entries(self) -> list[tuple[str, dict]]:
+        return _entries(self.header, self.path)
+
+    def view(self, info: dict) -> torch.Tensor:
+        """The tensor as it lies in the file (no copy)."""
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        if end == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        raw = torch.frombuffer(self.map, dtype=torch.uint8, count=end - start, offset=self.base + start)
+        if (self.base + start) % dtype.itemsize:  # not aligned for its dtype (the format does not promise it)
+            raw = raw.clone()
+        return raw.view(dtype).reshape(info["shape"])
+
+    def release(self, info: dict) -> None:
+        """Give back the source pages of a converted tensor (whole pages inside its byte range only)."""
+        import mmap
+
+        start, end = (self.base + o for o in info["data_offsets"])
+        first, last = -(-start // self.page) * self.page, end // self.page * self.page
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+class CudaStager:
+    """File bytes -> GPU through two pinned staging buffers: the CPU fills one while the previous one's asynchronous
+    copy runs; conversion (dtype, fp8) then happens on the GPU."""
+
+    def __init__(self, device: torch.device, size: int = 64 << 20):
+        self.device, self.size = device, size
+        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.done = [None, None]
+        self.turn = 0
+
+    def to_device(self, src: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        flat_src, flat_out = src.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
+        for o in range(0, flat_src.numel(), self.size):
+            n = min(self.size, flat_src.numel() - o)
+            k, self.turn = self.turn, 1 - self.turn
+            if self.done[k] is not None:
+                self.done[k].synchronize()  # that buffer's previous copy has left it
+            self.buffers[k][:n].copy_(flat_src[o:o + n])
+            flat_out[o:o + n].copy_(self.buffers[k][:n], non_blocking=True)
+            self.done[k] = torch.cuda.Event()
+            self.done[k].record()
+        return out
+
+    def finish(self) -> None:
+        for e in self.done:
+            if e is not None:
+                e.synchronize()
 
 
 def load_tensors(
@@ -143,12 +234,25 @@ def load_tensors(
 ) -> dict[str, torch.Tensor]:
     """Read every tensor, rename it with key_map (None drops it) and convert it straight to dtype/device.
 
-    Tensors are read one at a time with plain file reads and converted immediately, so peak memory is one converted
-    copy plus one tensor in flight (a 40 GB file needs ~40 GB, not 80). With disable_mmap (--disable_numpy_memmap)
-    each file is read whole in one call instead: faster on some file systems, but it holds the raw file in RAM too.
+    Each file is memory-mapped copy-on-write (`MappedFile`) and walked in file order. A tensor that keeps its dtype
+    on the CPU is a view of the mapping (no copy; the file is read at page-cache speed); a converted one is read once,
+    converted, and its source pages are given back, so peak memory is the converted model plus one tensor in flight
+    (a bf16 -> fp8 load peaks near the fp8 size). To a GPU the bytes go through pinned staging buffers
+    asynchronously and are converted there. With disable_mmap (--disable_numpy_memmap) each file is read whole in
+    one call instead (for file systems where mapping is slow); that holds the raw file in RAM too.
     transform(key, tensor) may replace a converted tensor by other entries (e.g. fp8 weight + scale) as it streams.
     """
+    device = torch.device(device)
     out: dict[str, torch.Tensor] = {}
+    stager = CudaStager(device) if device.type == "cuda" else None
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if stager is not None:
+            t = stager.to_device(t)
+        if dtype is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES and t.dtype != dtype:
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
     for f in files:
         if disable_mmap:
             from safetensors.torch import load as load_bytes
@@ -156,19 +260,23 @@ def load_tensors(
             with open(f, "rb") as fh:
                 parse_header(fh, f)
                 fh.seek(0)
-                items = load_bytes(fh.read()).items()
+                items = [(k, t, None) for k, t in load_bytes(fh.read()).items()]
+            mapped = None
         else:
-            items = iter_file_tensors(f)
-        for k, t in items:
+            needs_copy = device.type != "cpu" or transform is not None
+            mapped = MappedFile(f, populate=not needs_copy)
+            items = ((k, None, info) for k, info in mapped.entries())
+        for k, t, info in items:
             nk = key_map(k)
             if nk is None:
                 continue
-            if dtype is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
-                t = t.to(device=device, dtype=dtype)
-            else:
-                t = t.to(device=device)
-            if transform is not None:
-                out.update(transform(nk, t))
-            else:
-                out[nk] = t
+            src = mapped.view(info) if mapped is not None else t
+            t = convert(src)
+            result = transform(nk, t) if transform is not None else {nk: t}
+            if mapped is not None and all(v.data_ptr() != src.data_ptr() for v in result.values()):
+                mapped.release(info)  # converted: its source pages are not needed any more
+            out.update(result)
+        del mapped
+    if stager is not None:
+        stager.finish()
     return out
