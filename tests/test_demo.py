@@ -1,13 +1,31 @@
-"""README command (a): the embedded-default main job runs end to end."""
+"""README command one: the demo teaches the shipped nano model a concept it has never seen, and the judge sees it.
+
+This is also the learning check of the text-to-image path: the score on the new concept must rise from near zero to a
+stated bound, which a wrong loss target sign, timestep scale or LoRA scale prevents (each was broken on purpose in a
+scratch run: see docs/nano.md)."""
+
+import json
+
+from PIL import Image
 
 from musubi_tuner.demo import main as demo_main
 
+# measured with the shipped models and these settings (seeded): see docs/nano.md
+NEW_BEFORE_AT_MOST = 0.35
+NEW_AFTER_AT_LEAST = 0.6
+OLD_AFTER_AT_LEAST = 0.5
 
-def test_demo_main_job(tmp_path, capsys):
-    result = demo_main(["--output", str(tmp_path / "demo"), "--steps", "30"])
+
+def test_demo_teaches_the_nano_model_purple(tmp_path, capsys):
+    result = demo_main(["--output", str(tmp_path / "demo"), "--samples", "12"])
     out = capsys.readouterr().out
-    assert result["final"].exists() and result["loss_log"].exists()
-    assert len(result["loss_log"].read_text().splitlines()) == 31  # header + one line per step
-    assert [p.suffix for p in result["before"]] == [".safetensors", ".png"] and result["after"][1].exists()
-    assert len(list(result["sample_dir"].glob("*.png"))) >= 2
-    assert "latent MSE to the mean training image" in out and "images before / after" in out
+    before, after = result["before"], result["after"]
+    print(json.dumps({"before": before, "after": after}))
+    assert before["new"]["main"] <= NEW_BEFORE_AT_MOST
+    assert after["new"]["main"] >= NEW_AFTER_AT_LEAST
+    assert after["old"]["main"] >= OLD_AFTER_AT_LEAST
+    grid = Image.open(result["grid"])
+    assert grid.width > 4 * 2 * 64 and grid.height > 5 * 64
+    scores = json.loads((tmp_path / "demo" / "original" / "scores.json").read_text())
+    assert scores["after"] == after
+    assert "new concept" in out and "old concepts" in out and "qwen_image_train_network" in out

@@ -52,7 +52,14 @@ def test_documented_options_exist():
     for mod in (qwen_image_cache_latents, qwen_image_cache_text_encoder_outputs, qwen_image_generate_image,
                 qwen_image_train, qwen_image_train_network):
         known |= {s for a in mod.build_parser()._actions for s in a.option_strings}
-    known |= {"--input", "--output", "--target", "--steps", "--version"}  # convert_lora.py, demo
+    from musubi_tuner import demo
+    from musubi_tuner.nano.__main__ import build_parser as nano_parser
+
+    known |= {"--input", "--output", "--target"}  # convert_lora.py
+    known |= {s for a in demo._parser()._actions for s in a.option_strings}
+    nano = nano_parser()
+    known |= {s for sub in nano._subparsers._group_actions[0].choices.values() for a in sub._actions
+              for s in a.option_strings}
     known |= {f"--{k}" for k in _LINE_OPTIONS}  # prompt-line switches
     accelerate = {"--num_cpu_threads_per_process", "--multi_gpu", "--num_processes", "--num_machines",
                   "--dynamo_backend", "--cpu", "--config_file", "--mixed_precision"}

@@ -118,12 +118,22 @@ def test_full_finetune_refusals(tmp_path, capsys):
         assert msg in capsys.readouterr().err
 
 
+def free_port() -> int:
+    """A port nobody listens on (tests may run in parallel workers: no fixed rendezvous port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(script, args, trace, processes):
     env = {**os.environ, "MUSUBI_TUNER_TRACE_DIR": str(trace)}
     if processes == 1:
         cmd = [sys.executable, str(SRC / script), *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--main_process_port", str(free_port()),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SRC / script), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

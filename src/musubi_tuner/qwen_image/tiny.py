@@ -57,18 +57,23 @@ def tiny_tokenizer() -> Qwen2Tokenizer:
     return tok
 
 
-def tiny_text_encoder_config(tokenizer) -> Qwen2_5_VLConfig:
+def small_qwen_vl_config(tokenizer, text: dict, vision: dict) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of the given sizes (2 vision blocks) whose special-token ids are the tokenizer's."""
     ids = dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))
     return Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=TEXT_HIDDEN, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rms_norm_eps=1e-6,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=2, hidden_size=160, intermediate_size=320, num_heads=2, out_hidden_size=TEXT_HIDDEN,
-                           fullatt_block_indexes=[1]),
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], **text),
+        vision_config=dict(depth=2, num_heads=2, fullatt_block_indexes=[1], **vision),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def tiny_text_encoder_config(tokenizer) -> Qwen2_5_VLConfig:
+    return small_qwen_vl_config(
+        tokenizer, dict(hidden_size=TEXT_HIDDEN, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        dict(hidden_size=160, intermediate_size=320, out_hidden_size=TEXT_HIDDEN))
 
 
 def tiny_text_encoder(tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
@@ -112,13 +117,13 @@ TINY_IMAGE_PROCESSOR = {
 }
 
 
-def write_processor_config(folder: Path) -> None:
+def write_processor_config(folder: Path, settings: dict = TINY_IMAGE_PROCESSOR) -> None:
     """processor_config.json in the layout transformers 5 writes (image processor nested), so the folder loads with
     transformers' AutoProcessor as well as here."""
     import json
 
-    video = {k: v for k, v in TINY_IMAGE_PROCESSOR.items() if k != "image_processor_type"}
+    video = {k: v for k, v in settings.items() if k != "image_processor_type"}
     video.update(video_processor_type="Qwen2VLVideoProcessor", size={"longest_edge": 602112, "shortest_edge": 100352})
     (Path(folder) / "processor_config.json").write_text(json.dumps(
-        {"image_processor": TINY_IMAGE_PROCESSOR, "processor_class": "Qwen2VLProcessor", "video_processor": video},
+        {"image_processor": settings, "processor_class": "Qwen2VLProcessor", "video_processor": video},
         indent=2))
