@@ -41,14 +41,22 @@ def quantize_weight(w: torch.Tensor, mode: str = "channel", block_size: int = 64
     return (w32 / scale).to(FP8), scale
 
 
+BAND_BYTES = 4 << 20  # float32 band of rows quantised at a time
+_BANDS: dict = {}  # the reused band buffer, by (device, row width)
+
+
 def _quantize_rows(w: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scales, a band of rows at a time through one reused float32 buffer: the same bits as the whole-tensor
     formula, about twice as fast on the CPU (the band stays in cache), and no whole-tensor float32 temporaries (an
     fp8 load stays near the fp8 size)."""
-    rows = rows or max(1, (4 << 20) // max(1, w.shape[1] * 4))  # ~4 MiB float32 bands
+    rows = rows or max(1, BAND_BYTES // max(1, w.shape[1] * 4))
     q = torch.empty(w.shape, dtype=FP8, device=w.device)
     scale = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
-    band = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=torch.float32, device=w.device)
+    key = (w.device, w.shape[1])
+    band = _BANDS.get(key)
+    if band is None or band.shape[0] < min(rows, w.shape[0]):
+        _BANDS.clear()  # one buffer at a time (the widths of a model are few; reusing it avoids heap churn)
+        band = _BANDS[key] = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=torch.float32, device=w.device)
     for o in range(0, w.shape[0], rows):
         n = min(rows, w.shape[0] - o)
         b = band[:n]
