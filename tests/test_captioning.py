@@ -157,3 +157,32 @@ def test_layered_training_samples_caption_once(tmp_path, monkeypatch):
     assert len(samples) == 3 and calls == ["en"]
     used = {Image.open(p).text["prompt"] for p in samples}
     assert len(used) == 1 and all(used)
+
+
+def test_interactive_lines_without_text(tmp_path, layered_models, monkeypatch, capsys):
+    """In --interactive, a layered line of options only is captioned; with a text encoder that has no lm_head the
+    line is refused with the fix named, and the session goes on."""
+    from musubi_tuner.qwen_image_generate_image import main as generate_main
+
+    picture(tmp_path / "a.png", (64, 64), (30, 30, 200, 255), rgba=True)
+    line = f"--ci {tmp_path / 'a.png'} --f 2 --s 2 --d 3 --l 1"
+    for te, expect_saved in (("comfy_text_encoder", 0), ("text_encoder", 3)):
+        lines = iter([line])
+
+        def fake_input(prompt, lines=lines):
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("builtins.input", fake_input)
+        saved = generate_main(["--dit", str(layered_models["dit"]), "--vae", str(layered_models["vae"]),
+                               "--text_encoder", str(layered_models[te]), "--model_version", "layered", "--interactive",
+                               "--automatic_prompt_lang_for_layered", "en", "--device", "cpu", "--save_path",
+                               str(tmp_path / te)])
+        out = capsys.readouterr().out
+        assert len(saved) == expect_saved
+        if expect_saved:
+            assert "automatic caption (en)" in out and Image.open(saved[0]).text["automatic_caption"] == "en"
+        else:
+            assert "error:" in out and "lm_head" in out and "give a prompt" in out

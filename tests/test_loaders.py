@@ -158,6 +158,7 @@ def test_resolve_version():
 RSS_PROBE = r"""
 import sys, torch
 from pathlib import Path
+from musubi_tuner.memory.fp8 import quantize_weight
 from musubi_tuner.qwen_image.weights import load_tensors
 
 def rss(field):
@@ -165,27 +166,36 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 
+quantise = (lambda k, t: dict(zip((k, k + ".s"), quantize_weight(t)))) if sys.argv[2] == "fp8" else None
 base = rss("VmRSS:")
-sd = load_tensors([Path(sys.argv[1])], torch.bfloat16)
+sd = load_tensors([Path(sys.argv[1])], torch.bfloat16, transform=quantise)
 size = sum(t.numel() * t.element_size() for t in sd.values())
 print(base, rss("VmHWM:"), size)
 """
 
 
-def test_loader_peak_rss_stays_near_one_copy(tmp_path):
-    """A 2 GB bf16 file loads with peak RSS growth under 1.3x its converted size (measured in a fresh process)."""
+def load_in_fresh_process(path, mode: str) -> tuple[int, int]:
+    """(peak RSS growth, loaded bytes) of load_tensors(path) in bf16 (mode "bf16") or quantised to fp8 as it streams
+    (mode "fp8"), measured in a fresh process."""
     import subprocess
     import sys
 
-    path = tmp_path / "big.safetensors"
-    chunk = torch.zeros(4096, 4096, dtype=torch.bfloat16)  # 32 MiB each
-    from musubi_tuner.fileio import save_safetensors_streaming
-
-    save_safetensors_streaming({f"blocks.{i}.weight": chunk for i in range(64)}, path)
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), mode], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     base, peak, size = map(int, out.stdout.split())
-    growth = (peak - base) / size
+    return peak - base, size
+
+
+def test_loader_peak_rss_stays_near_one_copy(tmp_path):
+    """A 2 GB bf16 file loads with peak RSS growth under 1.3x its converted size (measured in a fresh process)."""
+    from musubi_tuner.fileio import save_safetensors_streaming
+
+    path = tmp_path / "big.safetensors"
+    chunk = torch.zeros(4096, 4096, dtype=torch.bfloat16)  # 32 MiB each
+    save_safetensors_streaming({f"blocks.{i}.weight": chunk for i in range(64)}, path)
+    grown, size = load_in_fresh_process(path, "bf16")
+    growth = grown / size
     print(f"loader: {size / 2**30:.2f} GiB loaded, peak RSS growth {growth:.3f}x")
     assert size == 2 * 2**30 and growth < 1.3
 
@@ -243,37 +253,15 @@ def test_kept_tensors_are_copy_on_write_views_of_the_file(tmp_path):
     assert float(load_tensors([path], torch.bfloat16)["w"][0, 0]) == 1.0
 
 
-FP8_RSS_PROBE = r"""
-import sys, torch
-from pathlib import Path
-from musubi_tuner.memory.fp8 import quantize_weight
-from musubi_tuner.qwen_image.weights import load_tensors
-
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-
-base = rss("VmRSS:")
-sd = load_tensors([Path(sys.argv[1])], torch.bfloat16, transform=lambda k, t: dict(zip((k, k + ".s"), quantize_weight(t))))
-print(base, rss("VmHWM:"))
-"""
-
-
 def test_fp8_load_peaks_near_the_fp8_size(tmp_path):
     """bf16 -> fp8 scaled as the file streams: peak RSS growth at most 0.6x the bf16 file (the fp8 model is 0.5x;
     each source tensor's pages are given back once it is quantised)."""
-    import subprocess
-    import sys
-
     from musubi_tuner.fileio import save_safetensors_streaming
 
     path = tmp_path / "big.safetensors"
     chunk = torch.full((2048, 2048), 0.5, dtype=torch.bfloat16)  # 8 MiB each (the quantiser's fp32 temporaries of
     save_safetensors_streaming({f"blocks.{i}.weight": chunk for i in range(128)}, path)  # one tensor are 4x that)
-    out = subprocess.run([sys.executable, "-c", FP8_RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    base, peak = map(int, out.stdout.split())
-    growth = (peak - base) / path.stat().st_size
+    grown, _ = load_in_fresh_process(path, "fp8")
+    growth = grown / path.stat().st_size
     print(f"bf16 -> fp8: peak RSS growth {growth:.3f}x the bf16 file")
     assert growth < 0.6

@@ -81,7 +81,6 @@ def check_caption_model(path: str, option: str = "--text_encoder") -> None:
     not use it); checked from the header before any model loads."""
     import json
 
-    from ..errors import UserError
     from .model_files import expect
 
     info = expect(path, option, "text_encoder")
@@ -92,6 +91,14 @@ def check_caption_model(path: str, option: str = "--text_encoder") -> None:
         cfg = json.loads(config.read_text())
         if cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False)):
             return
-    raise UserError(f"{option}: {info.files[0]} has no lm_head.weight (ComfyUI's text-encoder file leaves it out), so "
-                    f"it cannot caption a layered input without a prompt; pass the full Qwen2.5-VL (the text_encoder "
-                    f"folder of Qwen/Qwen-Image-Layered) or give a prompt")
+    raise no_lm_head(info.files[0], option)
+
+
+def no_lm_head(file, option: str = "--text_encoder"):
+    """The error for a text encoder that cannot caption (before loading, from the header; or, for lines typed in
+    interactive mode, from the loaded model)."""
+    from ..errors import UserError
+
+    return UserError(f"{option}: {file} has no lm_head.weight (ComfyUI's text-encoder file leaves it out), so it "
+                     f"cannot caption a layered input without a prompt; pass the full Qwen2.5-VL (the text_encoder "
+                     f"folder of Qwen/Qwen-Image-Layered) or give a prompt")

@@ -29,7 +29,7 @@ from .denoise import predict_velocity
 from .model_files import expect
 from .prompts import GenerationSpec, check_spec, read_prompt_file
 from .sampler import cfg_combine, flow_sigmas, layered_sigmas, sample
-from .captioning import caption_image, caption_language, check_caption_model
+from .captioning import caption_image, caption_language, check_caption_model, no_lm_head
 from .text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
 from .vae import decode, encode, load_vae
 from .versions import ModelVersion
@@ -115,7 +115,8 @@ class TextEncoderSession:
         lang = caption_language(self.caption_language)
         key = ("caption", id(image), lang)
         if key not in self.cache:
-            check_caption_model(self.text_encoder_path)
+            if not self.te.has_lm_head:  # what the loader found (no second read of the file)
+                raise no_lm_head(self.text_encoder_path)
             self.cache[key] = caption_image(self.te, self.processor, image, lang, self.device)
         spec.prompt, spec.caption_language = self.cache[key], lang
         print(f"automatic caption ({lang}) of {spec.control_images[0] if spec.control_images else 'the image'}: "

@@ -43,7 +43,7 @@ from .outputs import (
     LossLog, RunLock, checkpoint_name, existing_outputs, keep_copy, loss_log_path, prune, remove_leftovers,
     validation_log_path,
 )
-from .validation import Validator, check_validation_options, default_sigmas
+from .validation import Validator, check_validation_options, default_sigmas, validation_seed
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +173,7 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
 
         jobs = plan_samples(args, version, configs[0])
     items = collect_items(configs, version)
-    seed = args.seed if args.validation_seed is None else args.validation_seed
-    train, held = split_items(items, args.validation_split, seed)
+    train, held = split_items(items, args.validation_split, validation_seed(args))
     if held:
         logger.info("validation: %s held out (never trained on)", plural(len(held), "item"))
     return Checked(configs, check_caches(train, version, args.vae, args.text_encoder), jobs,
@@ -532,7 +531,7 @@ def make_validator(args, items: list, is_main: bool) -> Validator | None:
     if is_main:
         log = LossLog(validation_log_path(args.output_dir, args.output_name), Validator.columns(sigmas))
         log.start(read_state_meta(args.resume)["global_step"] if args.resume else None)
-    validator = Validator(items, sigmas, args.seed if args.validation_seed is None else args.validation_seed, log)
+    validator = Validator(items, sigmas, validation_seed(args), log)
     if args.resume:
         validator.resume()
     logger.info("validation: %s x sigmas %s per pass", plural(len(items), "item"), ", ".join(f"{s:g}" for s in sigmas))

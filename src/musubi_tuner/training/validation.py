@@ -32,6 +32,11 @@ def default_sigmas(args, image_seq_len: int) -> list[float]:
     return [round(float(q), 3) for q in torch.quantile(t, torch.tensor(DEFAULT_QUANTILES))]
 
 
+def validation_seed(args) -> int:
+    """--validation_seed, else --seed: which items a split holds out and the noise of every pass."""
+    return args.seed if args.validation_seed is None else args.validation_seed
+
+
 def check_validation_options(args) -> None:
     for option in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
         value = getattr(args, option, None)
