@@ -146,3 +146,15 @@ def test_validation_with_block_swap_and_checkpointing_matches(tmp_path):
     for a, b in zip(*runs):
         assert a["step"] == b["step"] and all(math.isclose(a["sigmas"][s], b["sigmas"][s], rel_tol=1e-4)
                                               for s in a["sigmas"])
+
+
+def test_validate_every_n_epochs(tmp_path):
+    """Passes at the end of every n-th epoch, plus the trained model's figure at the end; without any schedule option,
+    one pass per epoch."""
+    models, toml = make_cached_dataset(tmp_path, "original", n=4, batch_size=2)  # 2 steps per epoch
+    add_validation_dataset(tmp_path, toml, models, "original")
+    every_two = train_main(train_args(models, toml, tmp_path / "a", "original", *LORA, "--max_train_epochs", "3",
+                                      "--validate_every_n_epochs", "2"))
+    assert [(h["step"], h["epoch"]) for h in every_two["validation"]] == [(4, 2), (6, 3)]
+    default = train_main(train_args(models, toml, tmp_path / "b", "original", *LORA, "--max_train_epochs", "3"))
+    assert [h["step"] for h in default["validation"]] == [2, 4, 6]
