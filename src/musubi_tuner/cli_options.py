@@ -25,7 +25,8 @@ def add_model_args(p: argparse.ArgumentParser, dit: bool = True, vae: bool = Tru
     if vae:
         g.add_argument("--vae", help="VAE weights: diffusers or ComfyUI/Wan layout (the layered VAE for layered)")
     if text_encoder:
-        g.add_argument("--text_encoder", help="Qwen2.5-VL weights: ComfyUI single file or transformers folder")
+        g.add_argument("--text_encoder", help="Qwen2.5-VL weights (2.1: Qwen3-VL): ComfyUI single file or "
+                                              "transformers folder")
         g.add_argument("--tokenizer", help="folder with the Qwen tokenizer/processor files (default: beside the text "
                                            "encoder, else the Hugging Face hub)")
     add_version_args(p)
@@ -34,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser, dit: bool = True, vae: bool = Tru
 def add_version_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model version")
     g.add_argument("--model_version", choices=list(VERSIONS), default=None,
-                   help="original (default), edit, edit-2509, edit-2511, layered")
+                   help="original (default), edit, edit-2509, edit-2511, layered, 2.1 (Qwen-Image-2.1)")
     g.add_argument("--edit", action="store_true", help="same as --model_version edit (backward compatibility)")
     g.add_argument("--edit_plus", action="store_true", help="same as --model_version edit-2509 (backward compatibility)")
 

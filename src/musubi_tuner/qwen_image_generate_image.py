@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_caption_args(g)
     g.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="height and width, multiples of 16 (default 1024 1024; edit/layered: from the first control)")
-    g.add_argument("--infer_steps", type=int, default=25, help="number of denoising steps")
-    g.add_argument("--guidance_scale", type=float, default=4.0, help="true CFG scale (1 disables CFG)")
+    g.add_argument("--infer_steps", type=int, default=None, help="number of denoising steps (default 25; 2.1: the "
+                   "checkpoint's sample_sigmas, else 40)")
+    g.add_argument("--guidance_scale", type=float, default=None, help="true CFG scale (1 disables CFG; default 4.0, "
+                   "2.1: 1.0, the pipeline samples without CFG)")
     g.add_argument("--flow_shift", type=float, default=None, help="static shift; default: dynamic shift by image size")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --d --s --g/--l --fs --n --ci "
@@ -55,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_memory_args(p)
     e = p.add_argument_group("edit / layered / inpainting")
     e.add_argument("--control_image_path", nargs="+", help="control image(s) for edit (2509/2511: several, of any "
-                   "size); the image to decompose for layered")
+                   "size); the image to decompose for layered; 2.1: condition images")
+    e.add_argument("--output_resolution", type=int, default=1024, help="2.1: the side of the square output and the "
+                   "area (side^2) that condition images and an output without --image_size are resized to")
+    e.add_argument("--no_kv_cache", action="store_true", help="2.1: recompute the text and condition-image tokens at "
+                   "every step instead of caching their keys and values after the first (same image within rounding, "
+                   "slower)")
     e.add_argument("--resize_control_to_official_size", action="store_true",
                    help="resize control images to ~1M pixels keeping aspect (recommended; expected by 2511)")
     e.add_argument("--resize_control_to_image_size", action="store_true",

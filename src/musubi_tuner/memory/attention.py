@@ -74,9 +74,11 @@ def check_attention(attn_mode: str, option: str | None = None) -> None:
                         f"{'--attn_mode sdpa' if option.startswith('--attn_mode') else '--sdpa'}") from None
 
 
-def set_attention(model, attn_mode: str) -> None:
+def set_attention(model, attn_mode: str, split_masked: bool = True) -> None:
+    """The --attn_mode backend; for backends that reject masks, padded batches are split first (split_masked; 2.1's
+    processors pass their block-causal masks to torch SDPA themselves)."""
     check_attention(attn_mode)
-    if attn_mode in MASKLESS:
+    if attn_mode in MASKLESS and split_masked:
         enable_split_attention(model, only_when_padded=True)
     if ATTN_BACKENDS[attn_mode] != "native":  # native: diffusers' default dispatch (torch SDPA)
         model.set_attention_backend(ATTN_BACKENDS[attn_mode])

@@ -37,9 +37,15 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
             raise UserError(f"--blocks_to_swap must be between 1 and {n - 1} for this DiT ({n} blocks), got {swap}")
 
     mode = fp8_mode(args)
-    model = load_dit(args.dit, version, dtype, "cpu" if swap else device,
-                     disable_mmap=getattr(args, "disable_numpy_memmap", False), fp8_mode=mode, compute_device=device,
-                     check_config=check_swap, loras=lora_merges_from_args(args))
+    if version.is_v21:
+        from ..qwen_image.v21 import load_dit as load_v21
+
+        loader = lambda path, _version, *a, **k: load_v21(path, *a, **k)  # noqa: E731
+    else:
+        loader = load_dit
+    model = loader(args.dit, version, dtype, "cpu" if swap else device,
+                   disable_mmap=getattr(args, "disable_numpy_memmap", False), fp8_mode=mode, compute_device=device,
+                   check_config=check_swap, loras=lora_merges_from_args(args))
     if mode:
         logger.info("fp8 (%s): Linear weights of the transformer blocks quantised while loading", mode)
     swapper = enable_block_swap(model, swap, device) if swap else None

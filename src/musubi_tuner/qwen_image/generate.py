@@ -278,11 +278,23 @@ def trained_without_composite(args) -> bool:
     return False
 
 
+def default_steps(args, version: ModelVersion) -> int:
+    """25; 2.1: as many as the checkpoint's sample_sigmas (which are then used), else the pipeline's 40."""
+    if not version.is_v21:
+        return 25
+    from .v21 import DEFAULT_STEPS, scheduler_settings
+
+    sample_sigmas = scheduler_settings(args.dit)[1]
+    return len(sample_sigmas) if sample_sigmas else DEFAULT_STEPS
+
+
 def build_specs(args: argparse.Namespace, version: ModelVersion) -> list[GenerationSpec]:
     h, w = args.image_size if args.image_size else (None, None)
     defaults = GenerationSpec(
-        prompt=args.prompt or "", negative_prompt=args.negative_prompt, height=h, width=w, steps=args.infer_steps,
-        guidance_scale=args.guidance_scale, flow_shift=args.flow_shift, seed=args.seed,
+        prompt=args.prompt or "", negative_prompt=args.negative_prompt, height=h, width=w,
+        steps=args.infer_steps if args.infer_steps is not None else default_steps(args, version),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else 1.0 if version.is_v21 else 4.0,
+        flow_shift=args.flow_shift, seed=args.seed,
         control_images=list(args.control_image_path or []), output_layers=args.output_layers,
         mask_path=args.mask_path, rcm_threshold=args.rcm_threshold, rcm_relative=args.rcm_relative_threshold,
         rcm_kernel_size=args.rcm_kernel_size, rcm_dilate_size=args.rcm_dilate_size,
@@ -310,7 +322,11 @@ def build_specs_from(args: argparse.Namespace, version: ModelVersion, specs: lis
                      ) -> list[GenerationSpec]:
     """Version rules on each spec: sizes, layer counts, mask / RCM only for edit versions."""
     for s in specs:
-        if not (version.is_edit or version.is_layered):
+        if version.is_v21:
+            if s.height is not None and (s.height % 32 or s.width % 32):
+                raise UserError(f"--image_size / --h --w {s.height} {s.width}: Qwen-Image-2.1 needs multiples of 32; "
+                                f"try {max(32, round(s.height / 32) * 32)} {max(32, round(s.width / 32) * 32)}")
+        elif not (version.is_edit or version.is_layered):
             if s.control_images:
                 raise UserError(f"--control_image_path needs an edit or layered --model_version (got {version.name})")
             if s.height is None:
@@ -382,6 +398,10 @@ def check_models(args, version: ModelVersion, needs_vae: bool) -> None:
 
 
 def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
+    if version.is_v21:
+        from .generate_v21 import run as run_v21
+
+        return run_v21(args, version)
     device, dtype = compute_setup(args.device)
     vae_dtype = torch.float32 if device.type == "cpu" else dtype
     if args.save_merged_model:

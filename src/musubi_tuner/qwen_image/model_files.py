@@ -31,7 +31,10 @@ DIT_FILE_HINT = {
     "edit-2509": "split_files/diffusion_models/qwen_image_edit_2509_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
     "edit-2511": "split_files/diffusion_models/qwen_image_edit_2511_bf16.safetensors (Comfy-Org/Qwen-Image-Edit_ComfyUI)",
     "layered": "split_files/diffusion_models/qwen_image_layered_bf16.safetensors (Comfy-Org/Qwen-Image-Layered_ComfyUI)",
+    "2.1": "the transformer/ folder of Qwen/Qwen-Image-2.1 (diffusers) or its ComfyUI single file",
 }
+V21_VAE_HINT = "the vae/ folder of Qwen/Qwen-Image-2.1 (AutoencoderKLQwenImage21)"
+V21_TE_HINT = "the text_encoder/ folder of Qwen/Qwen-Image-2.1 (Qwen3-VL)"
 VAE_FILE_HINT = {
     3: "split_files/vae/qwen_image_vae.safetensors (Comfy-Org/Qwen-Image_ComfyUI)",
     4: "split_files/vae/qwen_image_layered_vae.safetensors (Comfy-Org/Qwen-Image-Layered_ComfyUI)",
@@ -61,6 +64,7 @@ class ModelFile:
     vae_channels: int | None = None
     layered: bool = False  # a DiT with the Layered timestep embedding
     zero_cond_marker: bool = False  # the ComfyUI Edit-2511 marker
+    v21: bool = False  # a Qwen-Image-2.1 DiT or VAE, or a Qwen3-VL text encoder
 
     @property
     def dit_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -68,7 +72,12 @@ class ModelFile:
 
     def describe(self) -> str:
         if self.kind == "dit":
-            return "a Qwen-Image-Layered DiT" if self.layered else "a Qwen-Image DiT"
+            return "a Qwen-Image-2.1 DiT" if self.v21 else "a Qwen-Image-Layered DiT" if self.layered \
+                else "a Qwen-Image DiT"
+        if self.kind == "vae" and self.v21:
+            return "a Qwen-Image-2.1 VAE"
+        if self.kind == "text_encoder" and self.v21:
+            return "a Qwen3-VL text encoder (Qwen-Image-2.1)"
         if self.kind == "vae":
             return f"a {'4-channel (RGBA, Qwen-Image-Layered)' if self.vae_channels == 4 else '3-channel (RGB)'} VAE"
         return {"text_encoder": "a Qwen2.5-VL text encoder", "lora": "a LoRA",
@@ -84,13 +93,14 @@ def classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, dict]:
         return "lora", {}
     stripped = {k[len(COMFY_DIT_PREFIX):] if k.startswith(COMFY_DIT_PREFIX) else k for k in keys}
     if "img_in.weight" in stripped and any(k.startswith("transformer_blocks.0.") for k in stripped):
-        return "dit", {"layered": ADDITIONAL_T_KEY in stripped,
+        return "dit", {"layered": ADDITIONAL_T_KEY in stripped, "v21": "modulation.1.weight" in stripped,
                        "zero_cond_marker": ZERO_COND_MARKER in stripped}
     if is_wan_vae_layout(keys) or "encoder.conv_in.weight" in keys:
         conv = shapes.get("encoder.conv_in.weight") or shapes.get("encoder.conv1.weight")
-        return "vae", {"vae_channels": conv[1] if conv and len(conv) > 1 else None}
+        return "vae", {"vae_channels": conv[1] if conv and len(conv) > 1 else None,
+                       "v21": conv is not None and len(conv) == 4}  # 2.1's convolutions are 2D
     if "model.embed_tokens.weight" in keys or "model.language_model.embed_tokens.weight" in keys:
-        return "text_encoder", {}
+        return "text_encoder", {"v21": any(k.endswith("layers.0.self_attn.q_norm.weight") for k in keys)}
     return "unknown", {}
 
 
@@ -109,9 +119,9 @@ def _hint(kind: str, version: ModelVersion | None) -> str:
     if kind == "dit":
         return DIT_FILE_HINT[version.name if version else "original"]
     if kind == "vae":
-        return VAE_FILE_HINT[version.vae_channels if version else 3]
+        return V21_VAE_HINT if version and version.is_v21 else VAE_FILE_HINT[version.vae_channels if version else 3]
     if kind == "text_encoder":
-        return TE_FILE_HINT
+        return V21_TE_HINT if version and version.is_v21 else TE_FILE_HINT
     return "a LoRA file written by a trainer (kohya lora_unet_* or diffusers lora_A/lora_B keys)"
 
 
@@ -126,6 +136,11 @@ def expect(path: str | os.PathLike, option: str, kind: str, version: ModelVersio
             raise UserError(f"{option}: {first} is {what}, not a LoRA; use the LoRA file saved beside the state "
                             "folder (<output_name>….safetensors), or continue training with --resume <state folder>")
         raise UserError(f"{option}: {first} is {what}, not {_WANTED[kind]}. Pass {_hint(kind, version)}")
+    if kind in ("dit", "vae", "text_encoder") and version is not None and info.v21 != version.is_v21:
+        if version.is_v21:
+            raise UserError(f"{option}: {first} is {info.describe()}, not one of Qwen-Image-2.1. Pass "
+                            f"{_hint(kind, version)}")
+        raise UserError(f"{option}: {first} is {info.describe()}; pass --model_version 2.1, or {_hint(kind, version)}")
     if kind == "dit" and version is not None:
         refuse_fp8(info.files, info.dtypes, option, DIT_FILE_HINT[version.name])
         if info.layered != version.additional_t_cond:
@@ -133,9 +148,9 @@ def expect(path: str | os.PathLike, option: str, kind: str, version: ModelVersio
                 raise UserError(f"{option}: {first} has no {ADDITIONAL_T_KEY}; it is not a Qwen-Image-Layered DiT. "
                                 "Pass the layered DiT or another --model_version")
             raise UserError(f"{option}: {first} is a Qwen-Image-Layered DiT; pass --model_version layered")
-    if kind == "vae" and version is not None and info.vae_channels != version.vae_channels:
+    if kind == "vae" and version is not None and not version.is_v21 and info.vae_channels != version.vae_channels:
         raise UserError(f"{option}: {first} is {info.describe()} but --model_version {version.name} needs "
                         f"{version.vae_channels} channels; pass {VAE_FILE_HINT[version.vae_channels]}")
     if kind == "text_encoder":
-        refuse_fp8(info.files, info.dtypes, option, TE_FILE_HINT + " (use --fp8_vl to run it in fp8)")
+        refuse_fp8(info.files, info.dtypes, option, _hint(kind, version) + " (use --fp8_vl to run it in fp8)")
     return info

@@ -127,3 +127,110 @@ def write_processor_config(folder: Path, settings: dict = TINY_IMAGE_PROCESSOR) 
     (Path(folder) / "processor_config.json").write_text(json.dumps(
         {"image_processor": settings, "processor_class": "Qwen2VLProcessor", "video_processor": video},
         indent=2))
+
+
+# --- Qwen-Image-2.1 ---------------------------------------------------------------------------------------------
+
+TINY_V21_TEXT = 64
+TINY_V21_DIT = dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, context_in_dim=TINY_V21_TEXT,
+                    in_channels=16, out_channels=16, axes_dims_rope=(4, 14, 14))
+TINY_V21_VAE = dict(base_dim=8, decoder_base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2, 2], num_res_blocks=1)
+# the system message as Qwen3-VL's chat template renders it (the pipeline counts its tokens to drop them)
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+                      "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+                      "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_v21_dit(seed: int = 0):
+    from diffusers import QwenImage21Transformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImage21Transformer2DModel(**TINY_V21_DIT).eval()
+
+
+def tiny_v21_vae(seed: int = 0):
+    from diffusers import AutoencoderKLQwenImage21
+
+    torch.manual_seed(seed)
+    z = TINY_V21_VAE["z_dim"]
+    g = torch.Generator().manual_seed(seed + 1)  # non-trivial latent statistics, so a missed (de)normalisation shows
+    mean = (torch.randn(z, generator=g) * 0.2).tolist()
+    std = (1 + torch.rand(z, generator=g)).tolist()
+    return AutoencoderKLQwenImage21(**TINY_V21_VAE, latents_mean=mean, latents_std=std).eval()
+
+
+def tiny_v21_text_encoder(tokenizer, seed: int = 0):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    ids = dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=TINY_V21_TEXT, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         max_position_embeddings=4096, rope_theta=5000000, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=1, out_hidden_size=TINY_V21_TEXT,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[1],
+                           num_position_embeddings=64),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def tiny_v21_processor():
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    tok = tiny_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    settings = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5],
+                    image_std=[0.5, 0.5, 0.5])
+    image = Qwen2VLImageProcessor(**settings, size={"shortest_edge": 32 * 32, "longest_edge": 2048 * 2048})
+    video = Qwen3VLVideoProcessor(**settings)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                            chat_template=TINY_CHAT_TEMPLATE)
+
+
+def write_tiny_v21(folder: str | Path, seed: int = 0, sample_sigmas: list[float] | None = None) -> dict[str, Path]:
+    """A tiny Qwen-Image-2.1 checkpoint in the diffusers repository layout (model_index.json, transformer/, vae/,
+    text_encoder/, processor/, scheduler/): diffusers' QwenImage21Pipeline.from_pretrained loads it as it loads
+    the real one, and so do our loaders. Also a ComfyUI single-file DiT (prefixed names, fused gate_up)."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    folder = Path(folder)
+    paths = {"root": folder, "dit": folder / "transformer", "vae": folder / "vae",
+             "text_encoder": folder / "text_encoder", "tokenizer": folder / "processor",
+             "dit_comfy": folder / "qwen_image_2.1_comfy.safetensors"}
+    if (folder / "model_index.json").is_file():
+        return paths
+    dit = tiny_v21_dit(seed)
+    dit.save_pretrained(paths["dit"])
+    sd = dit.state_dict()
+    comfy = {}
+    for k, v in sd.items():
+        if k.endswith("img_mlp.gate_layer.weight"):
+            comfy[COMFY_PREFIX + k.replace("gate_layer", "gate_up")] = torch.cat([v, sd[k.replace("gate_layer", "proj")]])
+        elif not k.endswith("img_mlp.proj.weight"):
+            comfy[COMFY_PREFIX + k] = v
+    save_safetensors(comfy, paths["dit_comfy"])
+    tiny_v21_vae(seed).save_pretrained(paths["vae"])
+    processor = tiny_v21_processor()
+    processor.save_pretrained(paths["tokenizer"])
+    tiny_v21_text_encoder(processor.tokenizer, seed).save_pretrained(paths["text_encoder"])
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                    max_image_seq_len=4096).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "vae": ["diffusers", "AutoencoderKLQwenImage21"],
+             "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+             "processor": ["transformers", "Qwen3VLProcessor"],
+             "transformer": ["diffusers", "QwenImage21Transformer2DModel"], "sample_sigmas": sample_sigmas}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+COMFY_PREFIX = "model.diffusion_model."

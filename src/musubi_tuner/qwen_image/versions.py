@@ -15,7 +15,7 @@ class ModelVersion:
     zero_cond_t: bool = False  # reference tokens modulated at t=0 (Edit-2511)
     additional_t_cond: bool = False  # Layered: extra timestep embedding (index 0 = RGBA)
     layer3d_rope: bool = False  # Layered: per-layer frame rope
-    vae_channels: int = 3  # 4 for the RGBA (layered) VAE
+    vae_channels: int = 3  # 4 for the RGBA (layered, 2.1) VAE
 
     @property
     def is_edit(self) -> bool:
@@ -24,6 +24,11 @@ class ModelVersion:
     @property
     def is_layered(self) -> bool:
         return self.name == "layered"
+
+    @property
+    def is_v21(self) -> bool:
+        """Qwen-Image-2.1: its own DiT, VAE and Qwen3-VL text encoder (see qwen_image/v21.py)."""
+        return self.template == "v21"
 
 
 VERSIONS: dict[str, ModelVersion] = {
@@ -34,6 +39,7 @@ VERSIONS: dict[str, ModelVersion] = {
         ModelVersion("edit-2509", "edit_plus", "qie"),
         ModelVersion("edit-2511", "edit_plus", "qie", zero_cond_t=True),
         ModelVersion("layered", "t2i", "qil", additional_t_cond=True, layer3d_rope=True, vae_channels=4),
+        ModelVersion("2.1", "v21", "qi21", vae_channels=4),
     )
 }
 

@@ -1,0 +1,155 @@
+"""Qwen-Image-2.1: our generation equals diffusers' QwenImage21Pipeline on tiny random weights in the real layouts
+(the pipeline loads the checkpoint folder itself), and the loaders read every layout the same."""
+
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImage21Pipeline
+from PIL import Image
+from safetensors import safe_open
+
+from musubi_tuner.fileio import save_safetensors
+from musubi_tuner.qwen_image import tiny, v21
+from musubi_tuner.qwen_image_generate_image import main as generate_main
+
+SAMPLE_SIGMAS = [1.0, 0.8, 0.55, 0.3, 0.1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny.write_tiny_v21(tmp_path_factory.mktemp("qi21"), sample_sigmas=SAMPLE_SIGMAS)
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return QwenImage21Pipeline.from_pretrained(str(ckpt["root"]), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cond")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(96, 64), (64, 80)]):
+        arr = rng.integers(0, 256, (h, w, 4 if i == 1 else 3), dtype=np.uint8)
+        if i == 1:
+            arr[..., 3] = np.where(np.arange(w)[None, :] < w // 2, 255, 60)  # partly transparent
+        paths.append(folder / f"c{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    return paths
+
+
+def run_ours(ckpt, out, *extra, dit=None):
+    return generate_main(["--model_version", "2.1", "--dit", str(dit or ckpt["dit"]), "--vae", str(ckpt["vae"]),
+                          "--text_encoder", str(ckpt["text_encoder"]), "--tokenizer", str(ckpt["tokenizer"]),
+                          "--save_path", str(out), "--device", "cpu", *extra])
+
+
+def saved_latent(paths):
+    lat = [p for p in paths if p.suffix == ".safetensors"][0]
+    with safe_open(str(lat), "pt") as f:
+        return f.get_tensor("latent"), f.metadata()
+
+
+def test_prompt_embeddings_equal_the_pipeline(ckpt, pipe, images):
+    processor = v21.load_processor(str(ckpt["tokenizer"]), None)
+    te = v21.load_text_encoder(ckpt["text_encoder"], torch.float32)
+    prompts = ["a red cube on a blue floor", "x"]  # different lengths: left padding in the encoder, right after
+    ours = v21.batch_prompts(v21.encode_prompts(te, processor, prompts))
+    ref = pipe.encode_prompt(prompts, device="cpu")
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]) and torch.equal(ours[2], ref[2])
+    conds = [v21.prepare_condition(Image.open(p), 64) for p in images]
+    ours = v21.batch_prompts(v21.encode_prompts(te, processor, ["put them together"], conds))
+    ref = pipe.encode_prompt(["put them together"], image=conds, device="cpu")
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[2], ref[2])
+    assert ours[2].sum() == sum(c.size[0] * c.size[1] // 32 ** 2 for c in conds)  # one slot per 32x32 pixels
+
+
+@pytest.mark.parametrize("cfg,kv", [(1.0, True), (3.0, True), (3.0, False)])
+def test_condition_images_equal_the_pipeline(tmp_path, ckpt, pipe, images, cfg, kv):
+    """--infer_steps N replaces the checkpoint's sample_sigmas by linspace(1, 1/N) (the pipeline's `sigmas=`)."""
+    prompt, negative, seed = "the shape of picture 1 in the colour of picture 2", "blurry", 11
+    ref = pipe(prompt, image=[Image.open(p) for p in images], negative_prompt=negative if cfg > 1 else None,
+               true_cfg_scale=cfg, sigmas=list(np.linspace(1, 1 / 4, 4)), output_resolution=64, use_kv_cache=kv,
+               generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    saved = run_ours(ckpt, tmp_path, "--prompt", prompt, "--negative_prompt", negative, "--guidance_scale", str(cfg),
+                     "--control_image_path", *map(str, images), "--output_resolution", "64", "--infer_steps", "4",
+                     "--seed", str(seed), "--output_type", "latent", *([] if kv else ["--no_kv_cache"]))
+    lat, meta = saved_latent(saved)
+    # the output takes the last condition image's aspect (64x80 -> 64x64 at 64^2 pixels, rounded to 32)
+    assert lat.shape == (16, 1, 4, 4)
+    assert (v21.pack(lat.unsqueeze(0)) - ref).abs().max() < 1e-4
+    assert meta["model_version"] == "2.1" and meta["control_images"] == "|".join(map(str, images))
+
+
+def test_text_to_image_equals_the_pipeline_with_sample_sigmas(tmp_path, ckpt, pipe):
+    """No --infer_steps: the checkpoint's sample_sigmas (model_index.json), as the pipeline; the image is RGBA."""
+    prompt, seed = "a cat", 3
+    ref = pipe(prompt, height=64, width=96, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    saved = run_ours(ckpt, tmp_path, "--prompt", prompt, "--image_size", "64", "96", "--seed", str(seed),
+                     "--output_type", "latent_images")
+    png = [p for p in saved if p.suffix == ".png"][0]
+    ours = np.asarray(Image.open(png), dtype=np.float32) / 255
+    assert ours.shape == ref.shape == (64, 96, 4)
+    assert np.abs(ours - ref).max() <= 1 / 255 + 1e-6
+    lat, meta = saved_latent(saved)
+    assert meta["infer_steps"] == str(len(SAMPLE_SIGMAS)) and meta["guidance_scale"] == "1.0"  # no CFG by default
+
+
+def test_sigmas_follow_the_scheduler_and_its_shift(ckpt):
+    config, sample = v21.scheduler_settings(ckpt["dit"])
+    assert sample == SAMPLE_SIGMAS and config["use_dynamic_shifting"]
+    a, b = v21.sigmas_for(None, 256, config, sample), v21.sigmas_for(None, 4096, config, sample)
+    assert len(a) == len(SAMPLE_SIGMAS) + 1 and a[-1] == 0 and a[0] == 1
+    assert torch.all(b[1:-1] > a[1:-1])  # larger images: more noise at every step (mu 0.5 -> 1.15)
+    assert torch.allclose(v21.sigmas_for(8, 256, config, sample, flow_shift=1.0),
+                          torch.tensor(list(np.linspace(1, 1 / 8, 8)) + [0.0], dtype=torch.float32))
+
+
+def test_every_dit_layout_loads_the_same_weights(tmp_path, ckpt):
+    ref = v21.load_dit(ckpt["dit"], torch.float32).state_dict()
+    from diffusers import QwenImage21Transformer2DModel
+
+    QwenImage21Transformer2DModel.from_pretrained(str(ckpt["dit"])).save_pretrained(tmp_path / "sharded",
+                                                                                   max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("*-of-*.safetensors"))) > 1
+    bare = tmp_path / "bare.safetensors"  # a single file without config.json: the config from the shapes
+    save_safetensors({k: v for k, v in ref.items()}, bare)
+    for path in (ckpt["dit_comfy"], tmp_path / "sharded", bare):
+        sd = v21.load_dit(path, torch.float32).state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref), path
+
+
+def test_text_encoder_single_files_equal_the_folder(tmp_path, ckpt):
+    processor = v21.load_processor(str(ckpt["tokenizer"]), None)
+    folder = v21.load_text_encoder(ckpt["text_encoder"], torch.float32)
+    want = v21.encode_prompts(folder, processor, ["hello there"])[0][0]
+    with safe_open(str(ckpt["text_encoder"] / "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    old_names = {("model." + k[len("model.language_model."):]) if k.startswith("model.language_model.") else
+                 k[len("model."):] if k.startswith("model.visual.") else k: v for k, v in sd.items()}
+    for name, state in (("transformers.safetensors", sd), ("comfy.safetensors", old_names)):
+        (tmp_path / name.split(".")[0]).mkdir()
+        path = tmp_path / name.split(".")[0] / name  # no config.json beside it
+        save_safetensors(state, path)
+        te = v21.load_text_encoder(path, torch.float32, tokenizer=processor.tokenizer)
+        assert torch.equal(v21.encode_prompts(te, processor, ["hello there"])[0][0], want), name
+
+
+def test_wrong_files_and_options_are_refused_before_loading(tmp_path, ckpt, tiny_models, capsys):
+    def refused(run, *args, **kw):
+        with pytest.raises(SystemExit):
+            run(*args, **kw)
+        return capsys.readouterr().err
+
+    assert "is a Qwen-Image DiT, not one of Qwen-Image-2.1" in refused(run_ours, ckpt, tmp_path, "--prompt", "x",
+                                                                       dit=tiny_models["dit"])
+    assert "pass --model_version 2.1" in refused(generate_main, [
+        "--dit", str(ckpt["dit"]), "--vae", str(tiny_models["vae"]), "--text_encoder", str(tiny_models["text_encoder"]),
+        "--prompt", "x", "--save_path", str(tmp_path), "--device", "cpu"])
+    assert "Qwen3-VL" in refused(run_ours, ckpt, tmp_path, "--prompt", "x", "--text_encoder",
+                                 str(tiny_models["text_encoder"]))
+    assert "multiples of 32; try 64 64" in refused(run_ours, ckpt, tmp_path, "--prompt", "x", "--image_size", "48", "64")
+    assert "--mask_path does not apply" in refused(run_ours, ckpt, tmp_path, "--prompt", "x", "--mask_path", "m.png")
+    assert not list(tmp_path.glob("*.png"))
