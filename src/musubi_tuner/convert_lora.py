@@ -41,7 +41,14 @@ def main(argv=None):
     with safe_open(str(files[0]), "pt") as f:
         metadata = f.metadata() or {}
     blocks = [int(m[1]) for k in state if (m := re.search(r"transformer_blocks[._](\d+)[._]", k))]
-    lora = canonical_lora(state, linear_names(max(blocks, default=0) + 1), source=args.input)
+    num_layers = max(blocks, default=0) + 1
+    if metadata.get("ss_model_version") == "2.1" or any("gate_layer" in k for k in state):  # Qwen-Image-2.1
+        from musubi_tuner.qwen_image.v21 import linear_names as v21_linear_names
+
+        names = v21_linear_names(num_layers)
+    else:
+        names = linear_names(num_layers)
+    lora = canonical_lora(state, names, source=args.input)
     dtype = next(iter(state.values())).dtype
     save_lora(lora, args.output, TARGETS[args.target], {**metadata, "converted_to": args.target},
               dtype if dtype != torch.float32 else None)

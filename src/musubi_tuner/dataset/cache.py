@@ -40,6 +40,7 @@ MUSUBI_FORMAT_VERSION = "1.0.1"
 _LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_([a-z0-9_]+)$")
 _CONTROL_KEY = re.compile(r"^latents_control_(\d+)_(\d+)x(\d+)x(\d+)_([a-z0-9_]+)$")
 _TEXT_KEY = re.compile(r"^varlen_vl_embed_([a-z0-9_]+)$")
+IMAGE_SLOTS_KEY = "image_slots"  # 2.1: which text positions are condition-image slots (uint8, L)
 
 
 def fingerprint(path: Path) -> str:
@@ -81,8 +82,8 @@ def text_metadata(item: ImageItem, version: ModelVersion, te_id: str) -> dict[st
     return {
         "format": TEXT_FORMAT, "arch": version.arch_tag, "text_encoder": te_id, "template": version.template,
         "caption_sha": hashlib.sha256(item.caption.encode()).hexdigest()[:16],
-        "controls": "|".join(fingerprint(p) for p in item.controls) if version.is_edit else "",
-        "control_mode": control_mode(item) if version.is_edit else "",
+        "controls": "|".join(fingerprint(p) for p in item.controls) if version.uses_controls else "",
+        "control_mode": control_mode(item) if version.uses_controls else "",
     }
 
 
@@ -205,6 +206,12 @@ def read_latent_cache(path: Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def read_text_cache(path: Path) -> torch.Tensor:
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(text_key(list(f.keys()))).float()
+
+
+def read_image_slots(path: Path) -> torch.Tensor | None:
+    """2.1 text caches: the image-slot mask (L,) bool; None in the caches of the other versions."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(IMAGE_SLOTS_KEY).bool() if IMAGE_SLOTS_KEY in f.keys() else None
 
 
 def cache_shapes(path: Path) -> tuple[tuple, tuple]:

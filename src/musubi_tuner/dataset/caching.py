@@ -22,7 +22,7 @@ from ..qwen_image.generate import compute_setup
 from ..qwen_image.model_files import expect
 from ..qwen_image.versions import ModelVersion
 from .cache import (
-    dtype_name, latent_cache_path, latent_file_metadata, latent_metadata, latent_status, latent_tensors, model_id,
+    IMAGE_SLOTS_KEY, dtype_name, latent_cache_path, latent_file_metadata, latent_metadata, latent_status, latent_tensors, model_id,
     remove_orphans,
     text_cache_path, text_file_metadata, text_metadata, text_status,
 )
@@ -97,7 +97,7 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
     expect(args.vae, "--vae", "vae", version)
     check_cache_folders(items)
     vae_id = model_id(args.vae)
-    buckets = {id(it): target_bucket(it) for it in items}
+    buckets = {id(it): target_bucket(it, version.bucket_step) for it in items}
     produced, todo, skipped, foreign = _plan(
         items, lambda it: latent_cache_path(it, version), lambda it: latent_metadata(it, version, buckets[id(it)], vae_id),
         latent_status, args.skip_existing, "latents")
@@ -113,7 +113,12 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
     with tqdm(total=len(todo), desc="caching latents", unit="item") as bar:
         for batch in batches:
             if vae is None:
-                vae = load_vae(args.vae, dtype, device, version.vae_channels)
+                if version.is_v21:
+                    from ..qwen_image.v21 import load_vae as load_v21_vae
+
+                    vae = load_v21_vae(args.vae, dtype, device)
+                else:
+                    vae = load_vae(args.vae, dtype, device, version.vae_channels)
                 if args.vae_enable_tiling:
                     vae.enable_tiling()
             prepared = [p for _, p in _prepared(batch, version, workers)]
@@ -121,7 +126,8 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
             # every frame (layered: composite and each layer) is an independent image for the VAE
             latents = torch.cat([encode(vae, pixels[:, :, f]) for f in range(pixels.shape[2])], dim=2).cpu()
             for (item, path, meta), prep, lat in zip(batch, prepared, latents):
-                controls = [encode(vae, c.unsqueeze(0))[0].cpu() for c in prep.controls] if version.is_edit else []
+                controls = [encode(vae, c.unsqueeze(0))[0].cpu() for c in prep.controls] if version.uses_controls \
+                    else []
                 save_safetensors(latent_tensors(lat, controls), path, latent_file_metadata(item, version, meta))
                 bar.update(1)
     return _finish(items, produced, version, "latents", args.keep_cache, len(todo), skipped, foreign)
@@ -137,6 +143,8 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
     produced, todo, skipped, foreign = _plan(items, lambda it: text_cache_path(it, version),
                                              lambda it: text_metadata(it, version, te_id), text_status,
                                              args.skip_existing, "text")
+    if version.is_v21:
+        return _cache_v21_text(args, version, items, produced, todo, skipped, foreign)
     batch_size = args.batch_size if not version.is_edit else 1  # edit prompts carry their own images
     te = processor = None
     device, dtype = compute_setup(args.device)
@@ -160,5 +168,35 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
                 e = e.cpu().contiguous()
                 save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e}, path,
                                  text_file_metadata(item, version, meta))
+                bar.update(1)
+    return _finish(items, produced, version, "text", args.keep_cache, len(todo), skipped, foreign)
+
+
+def _cache_v21_text(args, version: ModelVersion, items, produced, todo, skipped, foreign) -> dict:
+    """Qwen-Image-2.1: Qwen3-VL embeddings and the image-slot mask; items with condition images one at a time (each
+    prompt reads its own images), the others in batches."""
+    from ..qwen_image import v21
+
+    if args.fp8_vl:
+        raise UserError("--fp8_vl is not supported for --model_version 2.1 yet; leave it out")
+    device, dtype = compute_setup(args.device)
+    workers = getattr(args, "num_workers", None) or 1
+    te = processor = None
+    plain = [e for e in todo if not e[0].controls]
+    batches = [plain[i:i + args.batch_size] for i in range(0, len(plain), args.batch_size)]
+    batches += [[e] for e in todo if e[0].controls]
+    with tqdm(total=len(todo), desc="caching text encoder outputs", unit="item") as bar:
+        for batch in batches:
+            if te is None:
+                processor = v21.load_processor(args.tokenizer, args.text_encoder)
+                te = v21.load_text_encoder(args.text_encoder, dtype, device, tokenizer=processor.tokenizer)
+            images = None
+            if batch[0][0].controls:
+                images = [p.control_images for _, p in _prepared(batch, version, workers, with_targets=False)][0]
+            encoded = v21.encode_prompts(te, processor, [it.caption for it, _, _ in batch], images, device)
+            for (item, path, meta), (e, slots) in zip(batch, encoded):
+                e = e.cpu().contiguous()
+                save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e, IMAGE_SLOTS_KEY: slots.cpu().to(torch.uint8)},
+                                 path, text_file_metadata(item, version, meta))
                 bar.update(1)
     return _finish(items, produced, version, "text", args.keep_cache, len(todo), skipped, foreign)

@@ -184,9 +184,9 @@ def collect_items(configs: list[DatasetConfig], version: ModelVersion) -> list[I
 
 def _validate(items: list[ImageItem], cfg: DatasetConfig, version: ModelVersion) -> None:
     w = cfg.where
-    if version.is_edit:
+    if version.uses_controls:
         for it in items:
-            if not it.controls:
+            if not it.controls and version.is_edit:
                 raise UserError(f"{w}: {it.targets[0]} has no control image (set control_directory or control_path) "
                                 f"but --model_version {version.name} needs one")
             if version.template == "edit" and len(it.controls) != 1:

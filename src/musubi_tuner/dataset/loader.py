@@ -18,7 +18,8 @@ from ..errors import UserError
 from ..qwen_image.text_encoder import pad_embeds
 from ..qwen_image.versions import ModelVersion
 from .cache import (
-    cache_shapes, latent_cache_path, latent_metadata, latent_status, model_id, read_latent_cache, read_text_cache,
+    cache_shapes, latent_cache_path, latent_metadata, latent_status, model_id, read_image_slots, read_latent_cache,
+    read_text_cache,
     text_cache_path, text_metadata, text_status,
 )
 from .items import ImageItem
@@ -48,7 +49,7 @@ def check_caches(items: list[ImageItem], version: ModelVersion, vae: str | None 
     for it in items:
         lat, txt = latent_cache_path(it, version), text_cache_path(it, version)
         for path, status, script in (
-            (lat, latent_status(lat, it, latent_metadata(it, version, target_bucket(it), vae_id or ""),
+            (lat, latent_status(lat, it, latent_metadata(it, version, target_bucket(it, version.bucket_step), vae_id or ""),
                                 () if vae_id else ("vae",)), "qwen_image_cache_latents.py"),
             (txt, text_status(txt, it, text_metadata(it, version, te_id or ""), () if te_id else ("text_encoder",)),
              "qwen_image_cache_text_encoder_outputs.py"),
@@ -123,17 +124,22 @@ class CachedBatches(torch.utils.data.Dataset):
 def load_items(items: list[CachedItem], copies: int = 1) -> dict:
     """A batch of cached items (of one layout), each repeated `copies` times in a row: latents, control latents,
     padded text embeddings and mask."""
-    lat, ctrls, texts = [], [], []
+    lat, ctrls, texts, slots = [], [], [], []
     for it in items:
         latents, controls = read_latent_cache(it.latent_path)
         text = read_text_cache(it.text_path)
+        image_slots = read_image_slots(it.text_path)
         for _ in range(copies):
             lat.append(latents)
             ctrls.append(controls)
             texts.append(text)
+            slots.append(image_slots)
     text, mask = pad_embeds(texts)
     controls = [torch.stack([c[k] for c in ctrls]) for k in range(len(ctrls[0]))]
-    return {"latents": torch.stack(lat), "controls": controls, "text": text, "text_mask": mask}
+    batch = {"latents": torch.stack(lat), "controls": controls, "text": text, "text_mask": mask}
+    if slots[0] is not None:  # 2.1: image-slot masks, right-padded like the text
+        batch["image_slots"] = torch.stack([torch.cat([s, s.new_zeros(text.shape[1] - s.shape[0])]) for s in slots])
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):

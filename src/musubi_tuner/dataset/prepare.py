@@ -24,9 +24,9 @@ def image_size(path) -> tuple[int, int]:
         raise UserError(f"cannot read image {path}: {e}; replace or remove the file") from None
 
 
-def target_bucket(item: ImageItem) -> tuple[int, int]:
+def target_bucket(item: ImageItem, step: int = 16) -> tuple[int, int]:
     cfg = item.config
-    return select_bucket(image_size(item.targets[0]), cfg.resolution, cfg.enable_bucket, cfg.bucket_no_upscale)
+    return select_bucket(image_size(item.targets[0]), cfg.resolution, cfg.enable_bucket, cfg.bucket_no_upscale, step)
 
 
 def control_mode(item: ImageItem) -> str:
@@ -40,15 +40,15 @@ def control_mode(item: ImageItem) -> str:
     return "target bucket"
 
 
-def prepare_control(img: Image.Image, cfg: DatasetConfig, bucket: tuple[int, int]) -> Image.Image:
+def prepare_control(img: Image.Image, cfg: DatasetConfig, bucket: tuple[int, int], step: int = 16) -> Image.Image:
     """no_resize_control: native size cropped to multiples of 16 (with control_resolution too: as long as the image
     is not larger than that area, else like control_resolution alone, as musubi-tuner does); control_resolution: the
     control's own bucket at that area; otherwise the target's transform (pixel-aligned when sizes match)."""
     area = cfg.control_resolution[0] * cfg.control_resolution[1] if cfg.control_resolution else None
     if cfg.no_resize_control and (area is None or img.size[0] * img.size[1] <= area):
-        return crop_to_multiple(img)
+        return crop_to_multiple(img, step)
     if cfg.control_resolution:
-        return resize_crop(img, select_bucket(img.size, cfg.control_resolution, True, cfg.bucket_no_upscale))
+        return resize_crop(img, select_bucket(img.size, cfg.control_resolution, True, cfg.bucket_no_upscale, step))
     return resize_crop(img, bucket)
 
 
@@ -56,16 +56,17 @@ def prepare_control(img: Image.Image, cfg: DatasetConfig, bucket: tuple[int, int
 class PreparedItem:
     bucket: tuple[int, int]  # (W, H)
     targets: torch.Tensor  # (C, F, H, W) in [-1, 1]; F = 1, layered: composite + layers
-    controls: list[torch.Tensor]  # each (3, h, w) in [-1, 1]
+    controls: list[torch.Tensor]  # each (3, h, w) in [-1, 1] (2.1: RGBA, 4 channels)
     control_images: list[Image.Image]  # the prepared control pictures (for the VL model)
 
 
 def prepare_item(item: ImageItem, version: ModelVersion, with_targets: bool = True) -> PreparedItem:
-    bucket = target_bucket(item)
-    mode = "RGBA" if version.is_layered else "RGB"
+    bucket = target_bucket(item, version.bucket_step)
+    mode = "RGBA" if version.vae_channels == 4 else "RGB"  # layered; 2.1 reads RGBA (opaque for RGB files)
     targets = None
     if with_targets:
         frames = [to_tensor(resize_crop(load_image(p, mode), bucket)) for p in item.targets]
         targets = torch.stack(frames, dim=1)
-    control_images = [prepare_control(load_image(p, "RGB"), item.config, bucket) for p in item.controls]
+    control_images = [prepare_control(load_image(p, "RGBA" if version.is_v21 else "RGB"), item.config, bucket,
+                                      version.bucket_step) for p in item.controls]
     return PreparedItem(bucket, targets, [to_tensor(c) for c in control_images], control_images)

@@ -89,6 +89,22 @@ def encode_jobs(jobs: list[Job21], args, device, dtype) -> None:
     free_memory()
 
 
+def encode_conditions(vae, jobs: list[Job21]) -> None:
+    for job in jobs:
+        job.latents = [encode(vae, v21.to_pixels(im)).float().cpu() for im in job.conditions]
+
+
+def denoise_job(model, job: Job21, config: dict, sample_sigmas: list[float] | None, kv_cache: bool, device, dtype,
+                progress: bool = True) -> torch.Tensor:
+    """-> normalised latents (1, C, 1, h, w); the checkpoint's sample_sigmas when the steps are theirs."""
+    s = job.spec
+    steps = None if sample_sigmas and s.steps == len(sample_sigmas) else s.steps
+    sigmas = v21.sigmas_for(steps, (s.height // v21.VAE_SCALE) * (s.width // v21.VAE_SCALE), config, sample_sigmas,
+                            s.flow_shift)
+    return v21.denoise(model, job.cond, s.height, s.width, s.resolved_seed(), sigmas, job.uncond, s.guidance_scale,
+                       job.latents, kv_cache=kv_cache, device=device, dtype=dtype, progress=progress)
+
+
 def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     check_options(args)
     device, dtype = compute_setup(args.device)
@@ -114,23 +130,18 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
 
     encode_jobs(jobs, args, device, dtype)
     vae = v21.load_vae(args.vae, vae_dtype, device)
-    for job in jobs:
-        job.latents = [encode(vae, v21.to_pixels(im)).float().cpu() for im in job.conditions]
+    encode_conditions(vae, jobs)
 
     model, _ = load_dit_with_options(args, version, dtype, device)  # LoRAs merged, fp8, block swap
     set_attention(model, args.attn_mode, split_masked=False)
     results = []
     for i, job in enumerate(jobs):
         s, t0 = job.spec, time.perf_counter()
-        h, w = s.height // v21.VAE_SCALE, s.width // v21.VAE_SCALE
-        steps = None if sample_sigmas and s.steps == len(sample_sigmas) else s.steps
-        sigmas = v21.sigmas_for(steps, h * w, config, sample_sigmas, s.flow_shift)
-        lat = v21.denoise(model, job.cond, s.height, s.width, s.resolved_seed(), sigmas, job.uncond, s.guidance_scale,
-                          job.latents, kv_cache=not args.no_kv_cache, device=device, dtype=dtype)
+        lat = denoise_job(model, job, config, sample_sigmas, not args.no_kv_cache, device, dtype)
         suffix = f"_{Path(s.control_images[0]).stem}" if args.append_original_name and s.control_images else ""
         results.append((lat[0], output_stem(save_path, s.seed, i, len(jobs), suffix), s))
-        logger.info("sample %d/%d: seed %d, %dx%d, %d steps, %.2fs", i + 1, len(jobs), s.seed, s.width, s.height,
-                    len(sigmas) - 1, time.perf_counter() - t0)
+        logger.info("sample %d/%d: seed %d, %dx%d, %.2fs", i + 1, len(jobs), s.seed, s.width, s.height,
+                    time.perf_counter() - t0)
     del model
     free_memory()
     return save_results(results, args, version, vae)

@@ -180,6 +180,12 @@ def scheduler_settings(dit_path: str | os.PathLike | None) -> tuple[dict, list[f
     return config, sample_sigmas
 
 
+def dynamic_mu(image_seq_len: int, config: dict = DEFAULT_SCHEDULER) -> float:
+    """The pipeline's calculate_shift: mu grows linearly with the token count (0.5 at 256, 1.15 at 4096)."""
+    m = (config["max_shift"] - config["base_shift"]) / (config["max_image_seq_len"] - config["base_image_seq_len"])
+    return image_seq_len * m + config["base_shift"] - m * config["base_image_seq_len"]
+
+
 def sigmas_for(steps: int | None, image_seq_len: int, config: dict, sample_sigmas: list[float] | None = None,
                flow_shift: float | None = None) -> torch.Tensor:
     """The sigmas the pipeline steps through (with the terminal 0), computed by diffusers' own scheduler: the
@@ -196,9 +202,8 @@ def sigmas_for(steps: int | None, image_seq_len: int, config: dict, sample_sigma
     if flow_shift is not None:
         cfg.update(use_dynamic_shifting=False, shift=flow_shift)
     sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
-    m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
-    mu = image_seq_len * m + cfg["base_shift"] - m * cfg["base_image_seq_len"]
-    sched.set_timesteps(sigmas=base, mu=mu if cfg.get("use_dynamic_shifting") else None, device="cpu")
+    mu = dynamic_mu(image_seq_len, cfg) if cfg.get("use_dynamic_shifting") else None
+    sched.set_timesteps(sigmas=base, mu=mu, device="cpu")
     return sched.sigmas.float()
 
 
@@ -325,6 +330,16 @@ def load_dit(path, dtype=torch.bfloat16, device="cpu", disable_mmap=False, optio
     logger.info("loaded Qwen-Image-2.1 DiT %s: %d blocks, %d heads x %d, %s", info.files[0].name,
                 config["num_layers"], config["num_attention_heads"], config["attention_head_dim"], dtype)
     return model
+
+
+def linear_names(num_layers: int = 32) -> list[str]:
+    """Every nn.Linear of a 2.1 DiT with `num_layers` blocks (built on the meta device): what kohya LoRA names
+    (`lora_unet_<name with underscores>`) resolve against."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    with torch.device("meta"):
+        model = QwenImage21Transformer2DModel(num_layers=num_layers)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def infer_vae_config(shapes: dict[str, tuple[int, ...]], file_config: dict | None = None) -> dict:

@@ -26,6 +26,21 @@ class ModelVersion:
         return self.name == "layered"
 
     @property
+    def uses_controls(self) -> bool:
+        """Control (condition) images are read: required by the edit versions, optional for 2.1."""
+        return self.is_edit or self.is_v21
+
+    @property
+    def bucket_step(self) -> int:
+        """Image sides are multiples of this: 16 (8x VAE, 2x2 patches); 2.1: 32 (16x VAE, one text-encoder slot per
+        2x2 latent tokens)."""
+        return 32 if self.is_v21 else 16
+
+    def image_tokens(self, latent_h: int, latent_w: int) -> int:
+        """Tokens of one image in the DiT: 2x2 patches; 2.1 reads latents unpatched."""
+        return latent_h * latent_w if self.is_v21 else (latent_h // 2) * (latent_w // 2)
+
+    @property
     def is_v21(self) -> bool:
         """Qwen-Image-2.1: its own DiT, VAE and Qwen3-VL text encoder (see qwen_image/v21.py)."""
         return self.template == "v21"

@@ -13,13 +13,15 @@ from ..qwen_image.versions import ModelVersion
 
 MINIMUM_KEYS = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
 MODELSPEC_ARCH = {"original": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus",
-                  "edit-2511": "Qwen-Image-Edit-2511", "layered": "Qwen-Image-Layered"}
+                  "edit-2511": "Qwen-Image-Edit-2511", "layered": "Qwen-Image-Layered", "2.1": "Qwen-Image-2.1"}
 IMPLEMENTATION = {"layered": "https://github.com/QwenLM/Qwen-Image-Layered"}
 DEFAULT_IMPLEMENTATION = "https://github.com/QwenLM/Qwen-Image"
 
 
 def base_model_version(version: ModelVersion) -> str:
     """musubi-tuner's architecture names (Edit, Edit-2509 and Edit-2511 share one)."""
+    if version.is_v21:  # not a musubi-tuner architecture
+        return "qwen_image_2_1"
     return "qwen_image_layered" if version.is_layered else "qwen_image_edit" if version.is_edit else "qwen_image"
 
 

@@ -37,9 +37,12 @@ def plan_samples(args, version: ModelVersion, cfg: DatasetConfig) -> list[Job]:
     """Read and check --sample_prompts (every line's values and control images) and size every sample like the
     training data of `cfg`, before any model loads, so a bad line is an error at the start, not at the first
     sampling step hours later."""
-    defaults = GenerationSpec(prompt="", height=None, width=None, steps=20, guidance_scale=4.0, seed=42)
+    defaults = GenerationSpec(prompt="", height=None, width=None, steps=20,
+                              guidance_scale=1.0 if version.is_v21 else 4.0, seed=42)
     specs = read_prompt_file(args.sample_prompts, defaults, training=True, allow_empty=version.is_layered)
     check_captioning(args, specs)
+    if version.is_v21:
+        return plan_v21_samples(args, specs, cfg)
     jobs = []
     for i, s in enumerate(specs, 1):
         where = f"--sample_prompts {args.sample_prompts}: prompt {i}"
@@ -66,6 +69,28 @@ def plan_samples(args, version: ModelVersion, cfg: DatasetConfig) -> list[Job]:
     return jobs
 
 
+def plan_v21_samples(args, specs: list[GenerationSpec], cfg: DatasetConfig) -> list:
+    """2.1: condition images (--ci, optional) prepared as the dataset prepares controls; sizes in multiples of 32."""
+    from ..dataset.items import load_image
+    from ..qwen_image.generate_v21 import Job21
+
+    jobs = []
+    for i, s in enumerate(specs, 1):
+        where = f"--sample_prompts {args.sample_prompts}: prompt {i}"
+        missing = [p for p in s.control_images if not Path(p).is_file()]
+        if missing:
+            raise UserError(f"{where}: control image not found: {missing[0]}")
+        images = [load_image(Path(p), "RGBA") for p in s.control_images]
+        if s.height is None or s.width is None:
+            w, h = select_bucket(images[-1].size if images else cfg.resolution, cfg.resolution, cfg.enable_bucket,
+                                 cfg.bucket_no_upscale, 32)
+            s.width, s.height = s.width or w, s.height or h
+        if s.height % 32 or s.width % 32:
+            raise UserError(f"{where}: --w {s.width} --h {s.height}: Qwen-Image-2.1 needs multiples of 32")
+        jobs.append(Job21(s, [prepare_control(im, cfg, (s.width, s.height), 32) for im in images]))
+    return jobs
+
+
 class TrainingSampler:
     """Prompts (and control images) are encoded once before training and the text encoder is released; images go
     to <output_dir>/sample/ and to the trackers."""
@@ -73,6 +98,15 @@ class TrainingSampler:
     def __init__(self, args, version: ModelVersion, device: torch.device, dtype: torch.dtype, jobs: list[Job]):
         self.args, self.version, self.device, self.dtype, self.jobs = args, version, device, dtype, jobs
         self.specs = [j.spec for j in jobs]
+        if version.is_v21:
+            from ..qwen_image import generate_v21, v21
+
+            generate_v21.encode_jobs(jobs, _generation_args(args), device, dtype)
+            self.vae = v21.load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device)
+            generate_v21.encode_conditions(self.vae, jobs)
+            self.schedule = v21.scheduler_settings(args.dit)
+            self.folder = Path(args.output_dir) / "sample"
+            return
         has_controls = any(j.prepared for j in self.jobs)
         encoded = encode_all(self.specs, _generation_args(args), version, device, dtype,
                              [j.vl_images(version) for j in self.jobs] if has_controls else None)
@@ -90,7 +124,12 @@ class TrainingSampler:
         saved = []
         for i, job in enumerate(self.jobs):
             spec = job.spec
-            lat = denoise(model, spec, job.encoded, self.device, self.dtype, self.version, job, progress=False)
+            if self.version.is_v21:
+                from ..qwen_image.generate_v21 import denoise_job
+
+                lat = denoise_job(model, job, *self.schedule, True, self.device, self.dtype, progress=False)
+            else:
+                lat = denoise(model, spec, job.encoded, self.device, self.dtype, self.version, job, progress=False)
             stem = self.folder / f"{self.args.output_name}_e{epoch:06d}_s{step:06d}_{i:02d}_{spec.seed}"
             composite_first = not self.args.remove_first_image_from_target
             paths = decode_and_save(self.vae, [(lat[0], stem)], tiling=False, composite_first=composite_first,

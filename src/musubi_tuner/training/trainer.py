@@ -311,7 +311,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
 
         sampler = TrainingSampler(args, version, device, compute_dtype, checked.sample_jobs)
 
-    validator = make_validator(args, checked.validation, accelerator.is_main_process)
+    validator = make_validator(args, checked.validation, accelerator.is_main_process, version)
     transformer, _ = load_dit_with_options(args, version, mode.dit_dtype(args), device, training=True)
     set_attention(transformer, attention_mode(args)[0])
     groups = mode.setup(transformer, args)
@@ -517,7 +517,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
             "validation_log": validation_log_path(output_dir, args.output_name) if validator else None}
 
 
-def make_validator(args, items: list, is_main: bool) -> Validator | None:
+def make_validator(args, items: list, is_main: bool, version: ModelVersion | None = None) -> Validator | None:
     """The validation set (held-out items sorted by name, at most --max_validation_steps), its sigmas and log."""
     if not items:
         if args.validate_every_n_steps or args.validate_every_n_epochs or args.validate_at_start:
@@ -526,7 +526,9 @@ def make_validator(args, items: list, is_main: bool) -> Validator | None:
         return None
     items = sorted(items, key=lambda it: str(it.latent_path))[:args.max_validation_steps]
     latent_shape = items[0].layout[0]
-    sigmas = args.validation_sigmas or default_sigmas(args, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+    sigmas = args.validation_sigmas or (
+        default_sigmas(args, version.image_tokens(latent_shape[-2], latent_shape[-1]), version) if version
+        else default_sigmas(args, (latent_shape[-2] // 2) * (latent_shape[-1] // 2)))
     log = None
     if is_main:
         log = LossLog(validation_log_path(args.output_dir, args.output_name), Validator.columns(sigmas))
