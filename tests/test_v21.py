@@ -254,6 +254,13 @@ def test_lora_learns_and_loads_in_diffusers(tmp_path, ckpt):
                      "--output_resolution", "64", "--infer_steps", "8", "--seed", "0", "--output_type", "latent",
                      "--lora_weight", str(result["final"]))
     assert (v21.pack(saved_latent(saved)[0][None]) - ref).abs().max() < 1e-4
+    # --save_merged_model writes the DiT with the LoRA in it: it generates what --lora_weight generates
+    merged = run_ours(ckpt, tmp_path, "--save_merged_model", str(tmp_path / "merged.safetensors"), "--lora_weight",
+                      str(result["final"]))[0]
+    again = run_ours(ckpt, tmp_path / "gen2", "--prompt", "zzz", "--control_image_path", str(tmp_path / "ctl" / "a.png"),
+                     "--output_resolution", "64", "--infer_steps", "8", "--seed", "0", "--output_type", "latent",
+                     dit=merged)
+    assert (saved_latent(again)[0] - saved_latent(saved)[0]).abs().max() < 1e-5
 
 
 def test_full_finetune_with_sampling_and_validation(tmp_path, ckpt):
@@ -275,3 +282,25 @@ def test_full_finetune_with_sampling_and_validation(tmp_path, ckpt):
     init = v21.load_dit(ckpt["dit"], torch.float32).state_dict()
     assert trained.keys() == init.keys() and any(not torch.equal(trained[k].float(), init[k].bfloat16().float())
                                                  for k in init)
+
+
+def test_memory_options_on_2_1(tmp_path, ckpt):
+    """Block swap over 2.1's blocks changes nothing; fp8 scaled weights stay close; LoRA training runs with fp8, block
+    swap and gradient checkpointing and gives the plain run's first loss."""
+    from musubi_tuner.qwen_image_train_network import main as train
+
+    common = ["--prompt", "x", "--image_size", "64", "64", "--infer_steps", "4", "--seed", "3", "--output_type", "latent"]
+    plain = saved_latent(run_ours(ckpt, tmp_path / "a", *common))[0]
+    swap = saved_latent(run_ours(ckpt, tmp_path / "b", *common, "--blocks_to_swap", "1"))[0]
+    assert torch.equal(swap, plain)
+    q = saved_latent(run_ours(ckpt, tmp_path / "c", *common, "--fp8_scaled", "--fp8_vl", "--blocks_to_swap", "1"))[0]
+    rel = ((q - plain).norm() / plain.norm()).item()
+    assert 0 < rel < 0.1, rel
+    toml = write_overfit_dataset(tmp_path / "data", ckpt, repeats=2)
+    runs = [train(model_args(ckpt) + ["--dataset_config", str(toml), "--output_dir", str(tmp_path / f"o{i}"),
+                                      "--output_name", "lora", "--network_module", "networks.lora_qwen_image",
+                                      "--max_train_steps", "2", "--learning_rate", "1e-2", *extra])
+            for i, extra in enumerate([[], ["--blocks_to_swap", "1", "--gradient_checkpointing"],
+                                       ["--fp8_base", "--fp8_scaled", "--blocks_to_swap", "1"]])]
+    assert runs[1]["losses"] == pytest.approx(runs[0]["losses"], rel=1e-5)
+    assert all(np.isfinite(runs[2]["losses"])) and runs[2]["losses"][0] == pytest.approx(runs[0]["losses"][0], rel=0.1)

@@ -177,8 +177,6 @@ def _cache_v21_text(args, version: ModelVersion, items, produced, todo, skipped,
     prompt reads its own images), the others in batches."""
     from ..qwen_image import v21
 
-    if args.fp8_vl:
-        raise UserError("--fp8_vl is not supported for --model_version 2.1 yet; leave it out")
     device, dtype = compute_setup(args.device)
     workers = getattr(args, "num_workers", None) or 1
     te = processor = None
@@ -190,6 +188,10 @@ def _cache_v21_text(args, version: ModelVersion, items, produced, todo, skipped,
             if te is None:
                 processor = v21.load_processor(args.tokenizer, args.text_encoder)
                 te = v21.load_text_encoder(args.text_encoder, dtype, device, tokenizer=processor.tokenizer)
+                if args.fp8_vl:
+                    from ..qwen_image.generate import quantize_text_encoder
+
+                    quantize_text_encoder(te, device)
             images = None
             if batch[0][0].controls:
                 images = [p.control_images for _, p in _prepared(batch, version, workers, with_targets=False)][0]

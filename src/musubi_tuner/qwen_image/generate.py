@@ -67,11 +67,13 @@ class Job:
 
 
 def quantize_text_encoder(te, device) -> None:
-    """--fp8_vl: fp8 (per-channel scaled) weights for the Linear layers of the language model and vision tower."""
+    """--fp8_vl: fp8 (per-channel scaled) weights for the Linear layers of the language model and vision tower
+    (Qwen2.5-VL, or 2.1's Qwen3-VL model whose names have no `model.`)."""
     from ..memory.fp8 import quantize_linears
 
-    errors = quantize_linears(te, prefix="model.language_model.layers.", device=device)
-    errors.update(quantize_linears(te, prefix="model.visual.blocks.", device=device))
+    root = "model." if hasattr(te, "model") else ""
+    errors = quantize_linears(te, prefix=root + "language_model.layers.", device=device)
+    errors.update(quantize_linears(te, prefix=root + "visual.blocks.", device=device))
     logger.info("fp8_vl: %d Linear layers quantised (worst relative RMS error %.4f)", len(errors),
                 max(errors.values(), default=0.0))
 
@@ -481,8 +483,7 @@ def save_merged_model(args, version: ModelVersion) -> Path:
     """--save_merged_model FILE: the DiT with the --lora_weight files merged (in the DiT file's precision, diffusers key
     names, which also load in ComfyUI), written tensor by tensor; nothing is generated."""
     from ..fileio import save_safetensors_streaming
-    from ..memory.placement import lora_merges_from_args
-    from .dit import load_dit
+    from ..memory.placement import dit_loader, lora_merges_from_args
 
     out = Path(args.save_merged_model)
     if out.suffix != ".safetensors":
@@ -497,7 +498,7 @@ def save_merged_model(args, version: ModelVersion) -> Path:
         logger.warning("--save_merged_model without --lora_weight writes the DiT unchanged")
     # in the DiT file's own precision (bf16 for the published files)
     dtype = next((d for k, d in info.dtypes.items() if k.endswith("img_in.weight")), torch.bfloat16)
-    model = load_dit(args.dit, version, dtype, "cpu", loras=lora_merges_from_args(args))
+    model = dit_loader(version)(args.dit, version, dtype, "cpu", loras=lora_merges_from_args(args))
     sd = model.state_dict()
     if version.zero_cond_t:
         from .model_files import ZERO_COND_MARKER

@@ -20,8 +20,8 @@ from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
 from . import v21
 from .generate import (
-    build_specs, check_models, compute_setup, free_memory, load_latent_files, negative_of, output_stem, save_results,
-    decode_and_save,
+    build_specs, check_models, compute_setup, decode_and_save, free_memory, load_latent_files, negative_of,
+    output_stem, quantize_text_encoder, save_merged_model, save_results,
 )
 from .model_files import expect
 from .prompts import GenerationSpec
@@ -31,8 +31,8 @@ from .versions import ModelVersion
 logger = logging.getLogger(__name__)
 
 UNSUPPORTED = {"mask_path": "--mask_path", "rcm_threshold": "--rcm_threshold", "output_layers": "--output_layers",
-               "interactive": "--interactive", "save_merged_model": "--save_merged_model", "split_attn": "--split_attn",
-               "remove_first_image_from_target": "--remove_first_image_from_target", "fp8_vl": "--fp8_vl"}
+               "interactive": "--interactive", "split_attn": "--split_attn",
+               "remove_first_image_from_target": "--remove_first_image_from_target"}
 
 
 @dataclass
@@ -72,6 +72,8 @@ def encode_jobs(jobs: list[Job21], args, device, dtype) -> None:
     processor = v21.load_processor(args.tokenizer, args.text_encoder)
     te = v21.load_text_encoder(args.text_encoder, torch.float32 if te_device.type == "cpu" else dtype, te_device,
                                tokenizer=processor.tokenizer)
+    if getattr(args, "fp8_vl", False):
+        quantize_text_encoder(te, te_device)
     cache: dict = {}
 
     def enc(text: str, images: list[Image.Image]):
@@ -107,6 +109,8 @@ def denoise_job(model, job: Job21, config: dict, sample_sigmas: list[float] | No
 
 def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     check_options(args)
+    if args.save_merged_model:
+        return [save_merged_model(args, version)]
     device, dtype = compute_setup(args.device)
     vae_dtype = torch.float32 if device.type == "cpu" else dtype
     if not args.save_path:
