@@ -304,3 +304,14 @@ def test_memory_options_on_2_1(tmp_path, ckpt):
                                        ["--fp8_base", "--fp8_scaled", "--blocks_to_swap", "1"]])]
     assert runs[1]["losses"] == pytest.approx(runs[0]["losses"], rel=1e-5)
     assert all(np.isfinite(runs[2]["losses"])) and runs[2]["losses"][0] == pytest.approx(runs[0]["losses"][0], rel=0.1)
+
+
+def test_the_repository_folder_is_enough(tmp_path, ckpt):
+    """--dit / --vae / --text_encoder all given the diffusers repository folder; the processor is found in it."""
+    root = str(ckpt["root"])
+    a = generate_main(["--model_version", "2.1", "--dit", root, "--vae", root, "--text_encoder", root, "--prompt", "x",
+                       "--image_size", "64", "64", "--infer_steps", "2", "--seed", "1", "--output_type", "latent",
+                       "--save_path", str(tmp_path / "a"), "--device", "cpu"])
+    b = run_ours(ckpt, tmp_path / "b", "--prompt", "x", "--image_size", "64", "64", "--infer_steps", "2", "--seed", "1",
+                 "--output_type", "latent")
+    assert torch.equal(saved_latent(a)[0], saved_latent(b)[0])

@@ -112,7 +112,7 @@ def inspect_file(path: str | os.PathLike, option: str, subfolder: str | None = N
 
 
 _WANTED = {"dit": "the Qwen-Image DiT (diffusion model)", "vae": "the Qwen-Image VAE",
-           "text_encoder": "the Qwen2.5-VL text encoder", "lora": "a LoRA file"}
+           "text_encoder": "the text encoder (Qwen2.5-VL; 2.1: Qwen3-VL)", "lora": "a LoRA file"}
 
 
 def _hint(kind: str, version: ModelVersion | None) -> str:

@@ -204,7 +204,7 @@ def write_tiny_v21(folder: str | Path, seed: int = 0, sample_sigmas: list[float]
     folder = Path(folder)
     paths = {"root": folder, "dit": folder / "transformer", "vae": folder / "vae",
              "text_encoder": folder / "text_encoder", "tokenizer": folder / "processor",
-             "dit_comfy": folder / "qwen_image_2.1_comfy.safetensors"}
+             "dit_comfy": folder / "comfy" / "qwen_image_2.1_comfy.safetensors"}
     if (folder / "model_index.json").is_file():
         return paths
     dit = tiny_v21_dit(seed)

@@ -471,7 +471,7 @@ def load_processor(tokenizer_path: str | None, text_encoder_path: str | None):
     if text_encoder_path:
         te = Path(text_encoder_path)
         te = te if te.is_dir() else te.parent
-        candidates += [te, te.parent / "processor", te.parent / "tokenizer"]
+        candidates += [te, te / "processor", te.parent / "processor", te.parent / "tokenizer"]
     for folder in candidates:
         if folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
             try:
