@@ -102,9 +102,19 @@ def test_sigmas_follow_the_scheduler_and_its_shift(ckpt):
     assert sample == SAMPLE_SIGMAS and config["use_dynamic_shifting"]
     a, b = v21.sigmas_for(None, 256, config, sample), v21.sigmas_for(None, 4096, config, sample)
     assert len(a) == len(SAMPLE_SIGMAS) + 1 and a[-1] == 0 and a[0] == 1
-    assert torch.all(b[1:-1] > a[1:-1])  # larger images: more noise at every step (mu 0.5 -> 1.15)
-    assert torch.allclose(v21.sigmas_for(8, 256, config, sample, flow_shift=1.0),
-                          torch.tensor(list(np.linspace(1, 1 / 8, 8)) + [0.0], dtype=torch.float32))
+    assert torch.all(b[1:-2] > a[1:-2]) and a[-2] == b[-2] == pytest.approx(0.02)  # more noise for larger images
+    # without a scheduler config (a single-file DiT): linspace, mu = 0.5 + 0.4 (n - 256) / 7936 over the target's n
+    # tokens, exponential shift, stretched to a terminal 0.02, then 0 (FACTS.md)
+    config, sample = v21.scheduler_settings(ckpt["dit_comfy"])
+    assert sample is None
+    for steps, n in ((40, 4096), (8, 300)):
+        s = np.linspace(1, 1 / steps, steps)
+        mu = 0.5 + 0.4 * (n - 256) / 7936
+        s = np.exp(mu) / (np.exp(mu) + (1 / s - 1))
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - 0.02))
+        want = torch.tensor(list(s) + [0.0], dtype=torch.float32)
+        assert torch.allclose(v21.sigmas_for(steps, n, config), want, atol=1e-6)
 
 
 def test_every_dit_layout_loads_the_same_weights(tmp_path, ckpt):

@@ -90,7 +90,7 @@ def test_passes_are_repeatable_and_leave_training_unchanged(tmp_path):
                               output_dir=str(tmp_path / "direct"), output_name="x", resume=None,
                               timestep_sampling="shift", remove_first_image_from_target=False,
                               weighting_scheme="none")
-    validator = make_validator(args, check_caches(items, version), is_main=False)
+    validator = make_validator(args, check_caches(items, version), is_main=False, version=version)
     model = load_dit(models["dit"], version, torch.float32, "cpu")
     acc = Accelerator(cpu=True)
     first = validator.run(model, version, args, acc, torch.device("cpu"), torch.float32, 0, 0)

@@ -221,8 +221,9 @@ def write_tiny_v21(folder: str | Path, seed: int = 0, sample_sigmas: list[float]
     processor = tiny_v21_processor()
     processor.save_pretrained(paths["tokenizer"])
     tiny_v21_text_encoder(processor.tokenizer, seed).save_pretrained(paths["text_encoder"])
-    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                    max_image_seq_len=4096).save_pretrained(folder / "scheduler")
+    from .v21 import DEFAULT_SCHEDULER
+
+    FlowMatchEulerDiscreteScheduler(**DEFAULT_SCHEDULER).save_pretrained(folder / "scheduler")
     index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "vae": ["diffusers", "AutoencoderKLQwenImage21"],

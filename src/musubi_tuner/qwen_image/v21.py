@@ -40,9 +40,11 @@ SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 SYSTEM_BLOCK = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
 IMAGE_SLOT = "<image{}><|vision_start|><|image_pad|><|vision_end|>"
 GATE_UP = "img_mlp.gate_up.weight"  # ComfyUI fuses the SwiGLU gate and up projections (gate rows first)
-# the scheduler of the pipeline when the checkpoint's own scheduler_config.json is not at hand
-DEFAULT_SCHEDULER = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                     "max_image_seq_len": 4096, "shift_terminal": None, "num_train_timesteps": 1000}
+# the checkpoint's scheduler (Qwen-Image's: mu 0.5 at 256 target tokens to 0.9 at 8192, stretched to a terminal
+# sigma of 0.02), used when its scheduler_config.json is not at hand (a single-file DiT)
+DEFAULT_SCHEDULER = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256,
+                     "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
+                     "num_train_timesteps": 1000}
 
 
 # --- prompts ------------------------------------------------------------------------------------------------------
@@ -181,7 +183,8 @@ def scheduler_settings(dit_path: str | os.PathLike | None) -> tuple[dict, list[f
 
 
 def dynamic_mu(image_seq_len: int, config: dict = DEFAULT_SCHEDULER) -> float:
-    """The pipeline's calculate_shift: mu grows linearly with the token count (0.5 at 256, 1.15 at 4096)."""
+    """The pipeline's calculate_shift: mu grows linearly with the target's token count (0.5 at 256, 0.9 at 8192 for
+    the checkpoint's scheduler; training's qwen_shift uses the same line)."""
     m = (config["max_shift"] - config["base_shift"]) / (config["max_image_seq_len"] - config["base_image_seq_len"])
     return image_seq_len * m + config["base_shift"] - m * config["base_image_seq_len"]
 

@@ -46,7 +46,7 @@ def flow_matching_loss(model, batch: dict, version: ModelVersion, args, generato
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
     buckets = getattr(args, "num_timestep_buckets", None)
     ordinals = batch.get("ordinals") or [None] * b
-    options = timestep_options(args, version.image_tokens(h, w), version)
+    options = timestep_options(args, version.image_tokens(h, w))
     t = torch.cat([sample_t(args.timestep_sampling, 1, g, **options,
                             strata=[stratum(args.seed, o, buckets)] if buckets and buckets > 1 and o is not None
                             else None) for g, o in zip(generators, ordinals)])

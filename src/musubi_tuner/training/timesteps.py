@@ -32,8 +32,7 @@ def _normal(n: int, generator: torch.Generator, u: torch.Tensor | None) -> torch
 
 def _draw(method: str, n: int, generator: torch.Generator, u: torch.Tensor | None, *, shift: float,
           sigmoid_scale: float, logit_mean: float, logit_std: float, mode_scale: float, weighting_scheme: str,
-          image_seq_len: int, num_train_timesteps: int, mu: float | None = None) -> torch.Tensor:
-    mu = dynamic_mu(image_seq_len) if mu is None else mu
+          image_seq_len: int, num_train_timesteps: int) -> torch.Tensor:
     if method == "uniform":
         return torch.rand(n, generator=generator) if u is None else u
     if method in ("sigmoid", "shift", "qwen_shift"):
@@ -41,11 +40,11 @@ def _draw(method: str, n: int, generator: torch.Generator, u: torch.Tensor | Non
         if method == "shift":
             t = static_shift(shift, t)
         elif method == "qwen_shift":
-            t = exponential_shift(mu, t)
+            t = exponential_shift(dynamic_mu(image_seq_len), t)
         return t
     if method == "qinglong_qwen":
         mid = torch.rand(n, generator=generator) < QINGLONG_MID_FRACTION
-        t_mid = exponential_shift(mu, torch.sigmoid(sigmoid_scale * _normal(n, generator, u)))
+        t_mid = exponential_shift(dynamic_mu(image_seq_len), torch.sigmoid(sigmoid_scale * _normal(n, generator, u)))
         mean, std = QINGLONG_LOGSNR
         t_high = torch.sigmoid(-(mean + std * _normal(n, generator, u)) / 2)
         return torch.where(mid, t_mid, t_high)
@@ -63,16 +62,15 @@ def sample_t(method: str, batch: int, generator: torch.Generator, *, shift: floa
              logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29, weighting_scheme: str = "none",
              image_seq_len: int = 4096, min_timestep: float = 0.0, max_timestep: float = 1000.0,
              num_train_timesteps: int = 1000, strata: list[tuple[int, int]] | None = None,
-             preserve_distribution_shape: bool = False, mu: float | None = None) -> torch.Tensor:
+             preserve_distribution_shape: bool = False) -> torch.Tensor:
     """(batch,) float32 flow times t in [0, 1].
 
     strata: one (stratum, number of strata) per sample: its uniform value is drawn inside that stratum
     (--num_timestep_buckets; not for `sigma`). preserve_distribution_shape: keep [min, max] by rejection (up to 1000
-    rounds) instead of rescaling [0, 1] onto it. mu: the resolution-dependent shift of qwen_shift / qinglong_qwen
-    (default: Qwen-Image's, from image_seq_len)."""
+    rounds) instead of rescaling [0, 1] onto it."""
     kw = dict(shift=shift, sigmoid_scale=sigmoid_scale, logit_mean=logit_mean, logit_std=logit_std,
               mode_scale=mode_scale, weighting_scheme=weighting_scheme, image_seq_len=image_seq_len,
-              num_train_timesteps=num_train_timesteps, mu=mu)
+              num_train_timesteps=num_train_timesteps)
 
     def uniform() -> torch.Tensor | None:
         if strata is None or method == "sigma":
@@ -114,15 +112,9 @@ def loss_weight(weighting_scheme: str, t: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(t)
 
 
-def timestep_options(args, image_seq_len: int, version=None) -> dict:
-    """sample_t's keyword arguments from the training options. image_seq_len counts the image tokens; 2.1's
-    qwen_shift uses its own scheduler's shift (mu 0.5 at 256 tokens to 1.15 at 4096)."""
-    mu = None
-    if version is not None and version.is_v21:
-        from ..qwen_image.v21 import dynamic_mu as v21_mu
-
-        mu = v21_mu(image_seq_len)
-    return dict(mu=mu, shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale, logit_mean=args.logit_mean,
+def timestep_options(args, image_seq_len: int) -> dict:
+    """sample_t's keyword arguments from the training options."""
+    return dict(shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale, logit_mean=args.logit_mean,
                 logit_std=args.logit_std, mode_scale=args.mode_scale, weighting_scheme=args.weighting_scheme,
                 image_seq_len=image_seq_len, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
                 preserve_distribution_shape=getattr(args, "preserve_distribution_shape", False))

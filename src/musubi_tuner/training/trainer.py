@@ -517,7 +517,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
             "validation_log": validation_log_path(output_dir, args.output_name) if validator else None}
 
 
-def make_validator(args, items: list, is_main: bool, version: ModelVersion | None = None) -> Validator | None:
+def make_validator(args, items: list, is_main: bool, version: ModelVersion) -> Validator | None:
     """The validation set (held-out items sorted by name, at most --max_validation_steps), its sigmas and log."""
     if not items:
         if args.validate_every_n_steps or args.validate_every_n_epochs or args.validate_at_start:
@@ -526,9 +526,7 @@ def make_validator(args, items: list, is_main: bool, version: ModelVersion | Non
         return None
     items = sorted(items, key=lambda it: str(it.latent_path))[:args.max_validation_steps]
     latent_shape = items[0].layout[0]
-    sigmas = args.validation_sigmas or (
-        default_sigmas(args, version.image_tokens(latent_shape[-2], latent_shape[-1]), version) if version
-        else default_sigmas(args, (latent_shape[-2] // 2) * (latent_shape[-1] // 2)))
+    sigmas = args.validation_sigmas or default_sigmas(args, version.image_tokens(latent_shape[-2], latent_shape[-1]))
     log = None
     if is_main:
         log = LossLog(validation_log_path(args.output_dir, args.output_name), Validator.columns(sigmas))

@@ -25,10 +25,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def default_sigmas(args, image_seq_len: int, version=None) -> list[float]:
+def default_sigmas(args, image_seq_len: int) -> list[float]:
     """Quantiles 10/30/50/70/90 % of the t distribution training draws from (the same options, 100k samples)."""
     g = torch.Generator().manual_seed(0)
-    t = sample_t(args.timestep_sampling, 100_000, g, **timestep_options(args, image_seq_len, version))
+    t = sample_t(args.timestep_sampling, 100_000, g, **timestep_options(args, image_seq_len))
     return [round(float(q), 3) for q in torch.quantile(t, torch.tensor(DEFAULT_QUANTILES))]
 
 
