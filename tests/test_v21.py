@@ -1,6 +1,7 @@
 """Qwen-Image-2.1: our generation equals diffusers' QwenImage21Pipeline on tiny random weights in the real layouts
 (the pipeline loads the checkpoint folder itself), and the loaders read every layout the same."""
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -325,3 +326,46 @@ def test_the_repository_folder_is_enough(tmp_path, ckpt):
     b = run_ours(ckpt, tmp_path / "b", "--prompt", "x", "--image_size", "64", "64", "--infer_steps", "2", "--seed", "1",
                  "--output_type", "latent")
     assert torch.equal(saved_latent(a)[0], saved_latent(b)[0])
+
+
+def test_batched_loss_equals_each_sample_alone(tmp_path, ckpt):
+    """Prompts of different lengths in one batch: each sample's loss is the loss it has alone (the DiT would lay the
+    batch out by the first sample's slots); equal lengths run as one batch and agree too."""
+    import argparse
+
+    from musubi_tuner.dataset.config import load_dataset_config
+    from musubi_tuner.dataset.items import collect_items
+    from musubi_tuner.dataset.loader import check_caches, load_items
+    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.training.loss import per_sample_loss
+
+    toml = write_overfit_dataset(tmp_path, ckpt)
+    (tmp_path / "img" / "b.png").write_bytes((tmp_path / "img" / "a.png").read_bytes())
+    (tmp_path / "img" / "b.txt").write_text("a much longer caption than the first one")
+    (tmp_path / "img" / "c.png").write_bytes((tmp_path / "img" / "a.png").read_bytes())
+    (tmp_path / "img" / "c.txt").write_text("zz!")  # as long as "zzz"
+    for n in "bc":
+        (tmp_path / "ctl" / f"{n}.png").write_bytes((tmp_path / "ctl" / "a.png").read_bytes())
+    from musubi_tuner.qwen_image_cache_latents import main as cache_latents
+    from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_text
+
+    common = ["--dataset_config", str(toml), "--model_version", "2.1", "--device", "cpu", "--skip_existing"]
+    cache_latents(common + ["--vae", str(ckpt["vae"])])
+    cache_text(common + ["--text_encoder", str(ckpt["text_encoder"]), "--tokenizer", str(ckpt["tokenizer"])])
+    version = VERSIONS["2.1"]
+    cached = {Path(c.latent_path).name[0]: c for c in
+              check_caches(collect_items(load_dataset_config(str(toml)), version), version)}
+    model = v21.load_dit(ckpt["dit"], torch.float32)
+    args = argparse.Namespace(weighting_scheme="none")
+    g = torch.Generator().manual_seed(0)
+    t, noise = torch.tensor([0.3, 0.7]), torch.randn(2, 16, 1, 4, 4, generator=g)
+
+    def loss(names, t, noise):
+        return per_sample_loss(model, load_items([cached[n] for n in names]), version, args, t, noise, "cpu",
+                               torch.float32)
+
+    with torch.no_grad():
+        for pair in ("ab", "ac"):
+            together = loss(pair, t, noise)
+            alone = torch.cat([loss(n, t[i:i + 1], noise[i:i + 1]) for i, n in enumerate(pair)])
+            assert torch.allclose(together, alone, rtol=1e-5, atol=1e-6), pair
