@@ -369,3 +369,20 @@ def test_batched_loss_equals_each_sample_alone(tmp_path, ckpt):
             together = loss(pair, t, noise)
             alone = torch.cat([loss(n, t[i:i + 1], noise[i:i + 1]) for i, n in enumerate(pair)])
             assert torch.allclose(together, alone, rtol=1e-5, atol=1e-6), pair
+
+
+def test_interactive_lines(tmp_path, ckpt, images, monkeypatch, capsys):
+    """--interactive: each line is generated with the models loaded once; a bad line is reported, not fatal."""
+    lines = iter(["a cat --w 64 --h 64 --s 2 --d 3", "x --w 48 --h 64", f"a dog --ci {images[0]} --s 2 --d 4"])
+
+    def read(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", read)
+    saved = run_ours(ckpt, tmp_path, "--interactive", "--output_resolution", "64")
+    assert [Image.open(p).size for p in saved] == [(64, 64), (64, 64)]
+    assert Image.open(saved[1]).text["control_images"] == str(images[0]) and Image.open(saved[1]).text["seed"] == "4"
+    assert "multiples of 32" in capsys.readouterr().out

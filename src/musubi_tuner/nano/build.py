@@ -4,8 +4,10 @@ project's own caching scripts and full-finetuning script, then scored with the j
 
     python -m musubi_tuner.nano build --output DIR [--quick]
 
-Edit-2511 starts from the trained Edit-2509 weights (as the real 2511 continues from earlier edit models) and is
-trained further with its zero_cond_t modulation; every other DiT starts from random weights.
+Edit-2509 starts from the trained text-to-image weights (as Qwen-Image-Edit was initialised from Qwen-Image: it
+knows the shapes world and has to learn to read the control images), Edit-2511 from the trained Edit-2509 weights
+(as the real 2511 continues from earlier edit models) with its zero_cond_t modulation; the text-to-image and layered
+DiTs start from random weights.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Plan:
     timestep_sampling: tuple = ("shift", "--discrete_flow_shift", "2.2")
 
     def __post_init__(self):
-        self.steps = self.steps or {"original": 3000, "edit-2509": 8000, "edit-2511": 1500, "layered": 3000}
+        self.steps = self.steps or {"original": 3000, "edit-2509": 4000, "edit-2511": 1500, "layered": 3000}
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -244,7 +246,8 @@ def stage_settings(name: str, plan: Plan) -> dict:
     if name in ("vae", "vae_layered"):
         return vae
     steps = p.pop("steps")
-    p["steps"] = {k: steps[k] for k in ((name,) if name != "edit-2511" else ("edit-2509", name))}
+    chain = {"edit-2509": ("original", "edit-2509"), "edit-2511": ("original", "edit-2509", "edit-2511")}
+    p["steps"] = {k: steps[k] for k in chain.get(name, (name,))}
     return json.loads(json.dumps(p))  # as build_info.json holds it (lists for tuples)
 
 
@@ -277,8 +280,12 @@ def _build_dit(version: str, paths: dict, shipped: Path, work: Path, plan: Plan,
         set_batch_size(toml, plan.batch_size)
     cache(toml, version, paths)
     init = work / f"init_{version}.safetensors"
-    if version == "edit-2511":
-        shutil.copyfile(shipped.with_name("nano_qwen_image_edit-2509.safetensors"), init)
+    parent = {"edit-2509": "original", "edit-2511": "edit-2509"}.get(version)
+    if parent:
+        source = shipped.with_name(f"nano_qwen_image_{parent}.safetensors")
+        if not source.is_file():
+            raise UserError(f"{version} continues from {parent}: build {parent} first (--versions {parent} {version})")
+        shutil.copyfile(source, init)
     else:
         save_safetensors(nano_dit(VERSIONS[version], plan.seed).state_dict(), init)
     final = train_dit(init, toml, version, paths, work / f"train_{version}", plan.steps[version], plan,

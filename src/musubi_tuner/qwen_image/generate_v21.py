@@ -31,7 +31,7 @@ from .versions import ModelVersion
 logger = logging.getLogger(__name__)
 
 UNSUPPORTED = {"mask_path": "--mask_path", "rcm_threshold": "--rcm_threshold", "output_layers": "--output_layers",
-               "interactive": "--interactive", "split_attn": "--split_attn",
+               "split_attn": "--split_attn",
                "remove_first_image_from_target": "--remove_first_image_from_target"}
 
 
@@ -66,28 +66,38 @@ def resolve_jobs(specs: list[GenerationSpec], args) -> list[Job21]:
     return jobs
 
 
-def encode_jobs(jobs: list[Job21], args, device, dtype) -> None:
-    """Each distinct (text, condition images) once; the text encoder is released afterwards."""
-    te_device = torch.device("cpu") if args.text_encoder_cpu else device
-    processor = v21.load_processor(args.tokenizer, args.text_encoder)
-    te = v21.load_text_encoder(args.text_encoder, torch.float32 if te_device.type == "cpu" else dtype, te_device,
-                               tokenizer=processor.tokenizer)
-    if getattr(args, "fp8_vl", False):
-        quantize_text_encoder(te, te_device)
-    cache: dict = {}
+class TextEncoder21:
+    """The Qwen3-VL encoder with its processor, loaded once (optionally kept in CPU memory between prompts);
+    (embeddings, image-slot mask) cached per (text, condition images)."""
 
-    def enc(text: str, images: list[Image.Image]):
+    def __init__(self, args, device, dtype, keep_on: torch.device | None = None):
+        self.device = torch.device("cpu") if args.text_encoder_cpu else device
+        self.processor = v21.load_processor(args.tokenizer, args.text_encoder)
+        self.te = v21.load_text_encoder(args.text_encoder, torch.float32 if self.device.type == "cpu" else dtype,
+                                        keep_on or self.device, tokenizer=self.processor.tokenizer)
+        if getattr(args, "fp8_vl", False):
+            quantize_text_encoder(self.te, self.device)
+        self.cache: dict = {}
+
+    def encode(self, text: str, images: list[Image.Image]):
         key = (text, tuple(id(im) for im in images))
-        if key not in cache:
-            e, m = v21.encode_prompts(te, processor, [text], images or None, te_device)[0]
-            cache[key] = (e.float().cpu(), m.cpu())
-        return cache[key]
+        if key not in self.cache:
+            e, m = v21.encode_prompts(self.te, self.processor, [text], images or None, self.device)[0]
+            self.cache[key] = (e.float().cpu(), m.cpu())
+        return self.cache[key]
 
-    for job in jobs:
-        job.cond = enc(job.spec.prompt, job.conditions)
+    def encode_job(self, job: Job21) -> None:
+        job.cond = self.encode(job.spec.prompt, job.conditions)
         if job.spec.guidance_scale > 1:
-            job.uncond = enc(negative_of(job.spec), job.conditions)
-    te = None  # released before the DiT loads
+            job.uncond = self.encode(negative_of(job.spec), job.conditions)
+
+
+def encode_jobs(jobs: list[Job21], args, device, dtype) -> None:
+    """Each distinct (text, condition images) once; the text encoder is released before the DiT loads."""
+    session = TextEncoder21(args, device, dtype)
+    for job in jobs:
+        session.encode_job(job)
+    del session
     free_memory()
 
 
@@ -127,6 +137,10 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
                                      for (lat, _), p in zip(latents, args.latent_path)], args.vae_enable_tiling)
     check_attention(args.attn_mode)
     check_compile(args)
+    if args.interactive:
+        if args.from_file:
+            raise UserError("--interactive and --from_file cannot be used together")
+        return interactive(args, version, device, dtype)
     specs = build_specs(args, version)
     jobs = resolve_jobs(specs, args)
     check_models(args, version, True)
@@ -149,3 +163,47 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     del model
     free_memory()
     return save_results(results, args, version, vae)
+
+
+def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> list[Path]:
+    """--interactive for 2.1: prompt lines (the --from_file syntax, --ci for condition images) generated one by one
+    with the models loaded once; the text encoder waits in CPU memory while the DiT runs. Ctrl-D ends; a bad line is
+    reported and the next one read."""
+    from .generate import build_specs_from
+    from .prompts import LINE_NAMES, check_spec, parse_prompt_line
+
+    defaults = build_specs(argparse.Namespace(**{**vars(args), "prompt": args.prompt or "-", "from_file": None}),
+                           version)[0]
+    check_models(args, version, True)
+    config, sample_sigmas = v21.scheduler_settings(args.dit)
+    session = TextEncoder21(args, device, dtype, keep_on=torch.device("cpu"))
+    vae = v21.load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device)
+    model, _ = load_dit_with_options(args, version, dtype, device)
+    set_attention(model, args.attn_mode, split_masked=False)
+    saved: list[Path] = []
+    print("Interactive mode: enter a prompt (with --w --h --d --s --l --n --ci ... switches); Ctrl-D ends.")
+    while True:
+        try:
+            line = (read_line or input)("> ")
+        except EOFError:
+            print()
+            break
+        if not line.strip():
+            continue
+        try:
+            spec = parse_prompt_line(line, defaults, "prompt")
+            check_spec(spec, "prompt", LINE_NAMES)
+            job = resolve_jobs(build_specs_from(args, version, [spec]), args)[0]
+            session.te.to(session.device)
+            session.encode_job(job)
+            session.te.to("cpu")
+            free_memory()
+            encode_conditions(vae, [job])
+            lat = denoise_job(model, job, config, sample_sigmas, not args.no_kv_cache, device, dtype)
+            saved += save_results([(lat[0], output_stem(Path(args.save_path), spec.seed, 0, 1), spec)], args,
+                                  version, vae)
+        except UserError as e:
+            print(f"error: {e}")
+        except KeyboardInterrupt:
+            print("\ninterrupted; enter another prompt (Ctrl-D ends)")
+    return saved
