@@ -96,3 +96,18 @@ def test_shipped_models_score_above_their_bounds(version):
     score = score_version(version, shipped(version), 24, heldout_captions(0) if version == "original" else None)
     print(version, score.as_dict())
     assert score.main >= SHIPPED_BOUNDS[version], score.as_dict()
+
+
+def test_quick_build_makes_every_file_and_resumes(tmp_path):
+    """`python -m musubi_tuner.nano build --quick`: every stage runs with the real caching and training scripts (edit
+    continues from text to image, 2511 from 2509); a second run finds every stage built and rebuilds nothing."""
+    from musubi_tuner.nano.build import STAGES, Plan, build
+
+    info = build(tmp_path, Plan.quick())
+    assert set(info["seconds"]) == set(STAGES)
+    files = [tmp_path / f"nano_qwen_image_{v}.safetensors" for v in ("original", "edit-2509", "edit-2511", "layered")]
+    files += [tmp_path / "vae" / "config.json", tmp_path / "vae_layered" / "config.json",
+              tmp_path / "text_encoder" / "nano_qwen_2.5_vl.safetensors"]
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    build(tmp_path, Plan.quick())
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
