@@ -7,6 +7,7 @@ gradient checkpointing), and the fp8 `_scaled_mm` inference path against the deq
 
     python bench/gpu_memory.py [--steps 3] [--configs none,fp8,fp8+swap16,fp8+swap45]
     python bench/gpu_memory.py --tiny          # CPU dry run of the same code
+    python bench/gpu_memory.py --model 2.1 --configs none,fp8,fp8+swap16   # Qwen-Image-2.1's DiT (32 blocks)
 
 A configuration is "+"-joined words: none | fp8 (--fp8_scaled) | swapN (--blocks_to_swap N) | 8bit (bitsandbytes
 AdamW8bit instead of fp32 AdamW; the published figures were taken with adamw8bit) | compile (torch.compile blocks).
@@ -36,12 +37,21 @@ from musubi_tuner.training.optim import build_optimizer  # noqa: E402
 from musubi_tuner.networks.lora_qwen_image import create_network  # noqa: E402
 
 
+MODEL = "original"  # or "2.1" (--model)
+
+
 def random_dit(layers: int, device, tiny: bool, seed: int = 0) -> QwenImageTransformer2DModel:
     cfg = dict(num_layers=layers)
     if tiny:
-        cfg.update(attention_head_dim=32, num_attention_heads=4, joint_attention_dim=256, axes_dims_rope=(4, 14, 14))
+        cfg.update(attention_head_dim=32, num_attention_heads=4, axes_dims_rope=(4, 14, 14))
+        cfg.update(context_in_dim=256) if MODEL == "2.1" else cfg.update(joint_attention_dim=256)
     with init_empty_weights():
-        model = QwenImageTransformer2DModel(**cfg)
+        if MODEL == "2.1":
+            from diffusers import QwenImage21Transformer2DModel
+
+            model = QwenImage21Transformer2DModel(**cfg)
+        else:
+            model = QwenImageTransformer2DModel(**cfg)
     g = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(model.named_parameters()):
         t = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
@@ -53,6 +63,14 @@ def random_dit(layers: int, device, tiny: bool, seed: int = 0) -> QwenImageTrans
 def inputs(device, tiny: bool, size: int = 1024, txt: int = 128, seed: int = 1):
     g = torch.Generator(device=device).manual_seed(seed)
     n = (size // 16) ** 2
+    if MODEL == "2.1":  # unpatched 16x latents; the text sequence, then one slot per 2x2 target tokens
+        return dict(hidden_states=torch.randn(1, n, 64, generator=g, device=device, dtype=torch.bfloat16),
+                    encoder_hidden_states=torch.randn(1, txt, 256 if tiny else 4096, generator=g, device=device,
+                                                      dtype=torch.bfloat16),
+                    timestep=torch.full((1,), 0.5, device=device, dtype=torch.bfloat16),
+                    img_shapes=[[(1, size // 16, size // 16)]], return_dict=False,
+                    img_mask=torch.cat([torch.zeros(1, txt, dtype=torch.bool, device=device),
+                                        torch.ones(1, n // 4, dtype=torch.bool, device=device)], dim=1))
     d_txt = 256 if tiny else 3584
     return dict(hidden_states=torch.randn(1, n, 64, generator=g, device=device, dtype=torch.bfloat16),
                 encoder_hidden_states=torch.randn(1, txt, d_txt, generator=g, device=device, dtype=torch.bfloat16),
@@ -209,9 +227,13 @@ def main():
     p.add_argument("--configs", default="none,fp8,fp8+swap16,fp8+swap45")
     p.add_argument("--skip_checks", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--model", choices=["original", "2.1"], default="original",
+                   help="the 20B Qwen-Image DiT (60 blocks) or Qwen-Image-2.1's (32 blocks)")
     args = p.parse_args()
+    global MODEL
+    MODEL = args.model
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    layers = 60 if not args.tiny else 48
+    layers = (60 if not args.tiny else 48) if MODEL == "original" else (32 if not args.tiny else 24)
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__}
     if not args.skip_checks:
         results["swap_exact"] = check_swap_exact(device, args.tiny)
@@ -228,8 +250,8 @@ def main():
             rows.append({"config": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(rows[-1], flush=True)
     results["rows"] = rows
-    targets = {"none": 42, "fp8": 30, "fp8+swap16": 24, "fp8+swap45": 12}
-    targets.update({f"{k}+8bit": v for k, v in targets.items()})
+    targets = {"none": 42, "fp8": 30, "fp8+swap16": 24, "fp8+swap45": 12} if MODEL == "original" else {}
+    targets.update({f"{k}+8bit": v for k, v in targets.items()})  # published figures exist for Qwen-Image only
     print(f"\n{'config':<14}{'peak GiB':>10}{'target GB':>10}{'s/it':>8}")
     for r in rows:
         print(f"{r['config']:<14}{r.get('peak_allocated_gib', float('nan')):>10}{targets.get(r['config'], ''):>10}"
