@@ -30,7 +30,7 @@ NANO_DIT = dict(num_layers=4, attention_head_dim=32, num_attention_heads=4, join
                 in_channels=64, out_channels=16, axes_dims_rope=default_axes_dims_rope(32))
 NANO_VAE = dict(base_dim=16, z_dim=16, num_res_blocks=1, dim_mult=[1, 2, 4, 4])
 WEIGHTS = Path(__file__).parent / "weights"
-SHIPPED_VERSIONS = ("original",)  # the DiTs in WEIGHTS (edit and layered: not good enough yet, see docs/nano.md)
+SHIPPED_VERSIONS = ("original", "edit-2509", "edit-2511", "layered")  # the DiTs in WEIGHTS (see docs/nano.md)
 # Control images reach the text encoder as at most 112 x 112 pixels: 16 merged vision tokens each (the real processor
 # allows up to 12.8 M pixels; its 384 x 384 edit-plus images make 196 tokens).
 NANO_IMAGE_PROCESSOR = {**TINY_IMAGE_PROCESSOR, "size": {"longest_edge": 112 * 112, "shortest_edge": 56 * 56}}
