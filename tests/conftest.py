@@ -21,6 +21,19 @@ def tiny_models(tmp_path_factory):
     return write_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
+def console_input(monkeypatch, lines: list[str]) -> None:
+    """input() returns these lines, then raises EOFError (Ctrl-D): what --interactive reads."""
+    it = iter(lines)
+
+    def read(_prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", read)
+
+
 def make_cached_dataset(root, version_name: str, n: int = 4, size=(64, 64), batch_size: int = 2, colours=None,
                         layers: int = 2):
     """Tiny models for the version + a shapes dataset + both caches; returns (models, toml path)."""

@@ -166,16 +166,10 @@ def test_interactive_lines_without_text(tmp_path, layered_models, monkeypatch, c
 
     picture(tmp_path / "a.png", (64, 64), (30, 30, 200, 255), rgba=True)
     line = f"--ci {tmp_path / 'a.png'} --f 2 --s 2 --d 3 --l 1"
+    from conftest import console_input
+
     for te, expect_saved in (("comfy_text_encoder", 0), ("text_encoder", 3)):
-        lines = iter([line])
-
-        def fake_input(prompt, lines=lines):
-            try:
-                return next(lines)
-            except StopIteration:
-                raise EOFError from None
-
-        monkeypatch.setattr("builtins.input", fake_input)
+        console_input(monkeypatch, [line])
         saved = generate_main(["--dit", str(layered_models["dit"]), "--vae", str(layered_models["vae"]),
                                "--text_encoder", str(layered_models[te]), "--model_version", "layered", "--interactive",
                                "--automatic_prompt_lang_for_layered", "en", "--device", "cpu", "--save_path",

@@ -458,15 +458,9 @@ def test_generation_options_from_musubi(tmp_path, data, monkeypatch):
     merged_fp8 = latent(gen({**models, "dit": merged}, tmp_path / "h", "--fp8_scaled"))
     assert torch.allclose(lora_fp8, merged_fp8, atol=1e-3) and (
         lora_fp8 - latent(gen(models, tmp_path / "j", "--fp8_scaled"))).abs().max() > 1e-3
-    lines = iter(["a red circle --w 32 --h 32 --d 1", "", "--w 60 broken", "a blue square --d 2"])
+    from conftest import console_input
 
-    def fake_input(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    console_input(monkeypatch, ["a red circle --w 32 --h 32 --d 1", "", "--w 60 broken", "a blue square --d 2"])
     out = generate_main(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder",
                          str(models["text_encoder"]), "--interactive", "--infer_steps", "2", "--device", "cpu",
                          "--save_path", str(tmp_path / "i")])

@@ -135,11 +135,26 @@ def load_dit(
 
     with init_empty_weights():
         model = QwenImageTransformer2DModel(**config)
+    stream_weights(model, files, "Qwen-Image DiT", dtype, device, strip_dit_prefix, disable_mmap, fp8_mode,
+                   compute_device, loras, option)
+    logger.info("loaded DiT %s: %d blocks, %d heads x %d, %.2f B params, %s",
+                files[0].name, config["num_layers"], config["num_attention_heads"], config["attention_head_dim"],
+                sum(p.numel() for p in model.parameters()) / 1e9, dtype)
+    return model
+
+
+def stream_weights(model: torch.nn.Module, files: list[Path], what: str, dtype: torch.dtype, device, key_map,
+                   disable_mmap: bool = False, fp8_mode: str | None = None, compute_device=None,
+                   loras: list[LoraMerge] | None = None, option: str = "--dit",
+                   split: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> torch.nn.Module:
+    """Fill a DiT built on the meta device from `files`: LoRAs merged and the transformer blocks' Linear weights
+    quantised (fp8_mode) as each tensor streams in; split(key, tensor) first turns a tensor the file fuses into the
+    model's own (None: the file has none). One UserError naming `what` when the keys do not match."""
     quantized = {n + ".weight": n for n, m in model.named_modules()
                  if fp8_mode and isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
     merges = lora_merges(model, loras or [])
 
-    def transform(key, t):
+    def finish(key, t):
         for w, multiplier in merges.pop(key, []):
             t = (t.float() + w.delta().to(t.device) * multiplier).to(t.dtype)
         if key not in quantized:
@@ -149,8 +164,14 @@ def load_dit(
         q, s = quantize_weight(t.to(compute_device or device), fp8_mode)
         return {key: q.to(device), quantized[key] + ".scale_weight": s.to(device)}
 
-    state = load_tensors(files, dtype, device, key_map=strip_dit_prefix, disable_mmap=disable_mmap,
-                         transform=transform if (fp8_mode or merges) else None)
+    def transform(key, t):
+        out = {}
+        for k, v in (split(key, t) if split is not None else {key: t}).items():
+            out.update(finish(k, v))
+        return out
+
+    state = load_tensors(files, dtype, device, key_map=key_map, disable_mmap=disable_mmap,
+                         transform=transform if (fp8_mode or merges or split is not None) else None)
     if fp8_mode:
         from ..memory.fp8 import make_fp8_linear
 
@@ -161,16 +182,13 @@ def load_dit(
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
         raise UserError(
-            f"{option}: {files[0]} does not match the Qwen-Image DiT layout "
+            f"{option}: {files[0]} does not match the {what} layout "
             f"(missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {sorted(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''})"
         )
     model.load_state_dict(state, assign=True, strict=True)
     model.to(device)  # buffers created at init follow the weights
     model.eval().requires_grad_(False)
-    logger.info("loaded DiT %s: %d blocks, %d heads x %d, %.2f B params, %s",
-                files[0].name, config["num_layers"], config["num_attention_heads"], config["attention_head_dim"],
-                sum(p.numel() for p in model.parameters()) / 1e9, dtype)
     return model
 
 

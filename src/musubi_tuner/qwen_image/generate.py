@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -526,6 +527,28 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
     vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
     model, _ = load_dit_with_options(args, version, dtype, device)
     set_attention(model, args.attn_mode)
+
+    def generate_line(line: str) -> list[Path]:
+        spec = parse_prompt_line(line, defaults, "prompt", allow_empty=version.is_layered)
+        check_spec(spec, "prompt", LINE_NAMES)
+        one = argparse.Namespace(**{**vars(args), "prompt": spec.prompt, "from_file": None})
+        spec = build_specs_from(one, version, [spec])[0]
+        job = resolve_controls([spec], one, version)[0]
+        session.te.to(session.device)
+        job.encoded = session.encode_spec(spec, job.vl_images(version) if job.prepared else [])
+        session.te.to("cpu")
+        free_memory()
+        if job.prepared:
+            encode_controls(vae, [job], version)
+        result = generate_job(model, job, 0, 1, args, version, device, dtype)
+        return save_results([result], args, version, vae)
+
+    return console(generate_line, read_line)
+
+
+def console(generate_line: Callable[[str], list[Path]], read_line=None) -> list[Path]:
+    """The --interactive loop of every version: each non-empty line is generated and saved at once; a bad line
+    (UserError) is reported and the next one read; Ctrl-D (EOF) ends; Ctrl-C stops the current image only."""
     saved: list[Path] = []
     print("Interactive mode: enter a prompt (with --w --h --d --s --l --n --ci ... switches); Ctrl-D ends.")
     while True:
@@ -537,19 +560,7 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
         if not line.strip():
             continue
         try:
-            spec = parse_prompt_line(line, defaults, "prompt", allow_empty=version.is_layered)
-            check_spec(spec, "prompt", LINE_NAMES)
-            one = argparse.Namespace(**{**vars(args), "prompt": spec.prompt, "from_file": None})
-            spec = build_specs_from(one, version, [spec])[0]
-            job = resolve_controls([spec], one, version)[0]
-            session.te.to(session.device)
-            job.encoded = session.encode_spec(spec, job.vl_images(version) if job.prepared else [])
-            session.te.to("cpu")
-            free_memory()
-            if job.prepared:
-                encode_controls(vae, [job], version)
-            result = generate_job(model, job, 0, 1, args, version, device, dtype)
-            saved += save_results([result], args, version, vae)
+            saved += generate_line(line)
         except UserError as e:
             print(f"error: {e}")
         except KeyboardInterrupt:

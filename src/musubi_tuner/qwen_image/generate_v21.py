@@ -169,7 +169,7 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
     """--interactive for 2.1: prompt lines (the --from_file syntax, --ci for condition images) generated one by one
     with the models loaded once; the text encoder waits in CPU memory while the DiT runs. Ctrl-D ends; a bad line is
     reported and the next one read."""
-    from .generate import build_specs_from
+    from .generate import build_specs_from, console
     from .prompts import LINE_NAMES, check_spec, parse_prompt_line
 
     defaults = build_specs(argparse.Namespace(**{**vars(args), "prompt": args.prompt or "-", "from_file": None}),
@@ -180,30 +180,17 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
     vae = v21.load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device)
     model, _ = load_dit_with_options(args, version, dtype, device)
     set_attention(model, args.attn_mode, split_masked=False)
-    saved: list[Path] = []
-    print("Interactive mode: enter a prompt (with --w --h --d --s --l --n --ci ... switches); Ctrl-D ends.")
-    while True:
-        try:
-            line = (read_line or input)("> ")
-        except EOFError:
-            print()
-            break
-        if not line.strip():
-            continue
-        try:
-            spec = parse_prompt_line(line, defaults, "prompt")
-            check_spec(spec, "prompt", LINE_NAMES)
-            job = resolve_jobs(build_specs_from(args, version, [spec]), args)[0]
-            session.te.to(session.device)
-            session.encode_job(job)
-            session.te.to("cpu")
-            free_memory()
-            encode_conditions(vae, [job])
-            lat = denoise_job(model, job, config, sample_sigmas, not args.no_kv_cache, device, dtype)
-            saved += save_results([(lat[0], output_stem(Path(args.save_path), spec.seed, 0, 1), spec)], args,
-                                  version, vae)
-        except UserError as e:
-            print(f"error: {e}")
-        except KeyboardInterrupt:
-            print("\ninterrupted; enter another prompt (Ctrl-D ends)")
-    return saved
+
+    def generate_line(line: str) -> list[Path]:
+        spec = parse_prompt_line(line, defaults, "prompt")
+        check_spec(spec, "prompt", LINE_NAMES)
+        job = resolve_jobs(build_specs_from(args, version, [spec]), args)[0]
+        session.te.to(session.device)
+        session.encode_job(job)
+        session.te.to("cpu")
+        free_memory()
+        encode_conditions(vae, [job])
+        lat = denoise_job(model, job, config, sample_sigmas, not args.no_kv_cache, device, dtype)
+        return save_results([(lat[0], output_stem(Path(args.save_path), spec.seed, 0, 1), spec)], args, version, vae)
+
+    return console(generate_line, read_line)

@@ -244,6 +244,14 @@ def dit_key_map(key: str) -> str | None:
     return key[len(COMFY_DIT_PREFIX):] if key.startswith(COMFY_DIT_PREFIX) else key
 
 
+def split_gate_up(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ComfyUI's fused SwiGLU weight (gate rows first) -> the model's gate_layer and proj; other tensors as they are."""
+    if not key.endswith(GATE_UP):
+        return {key: t}
+    gate, up = t.chunk(2, dim=0)
+    return {key.replace("gate_up", "gate_layer"): gate.contiguous(), key.replace("gate_up", "proj"): up.contiguous()}
+
+
 def infer_dit_config(shapes: dict[str, tuple[int, ...]], file_config: dict | None = None) -> dict:
     """QwenImage21Transformer2DModel's config from tensor shapes (diffusers or ComfyUI names); a config.json beside
     the weights supplies what shapes cannot show (rope axes, causal_condition)."""
@@ -280,7 +288,7 @@ def load_dit(path, dtype=torch.bfloat16, device="cpu", disable_mmap=False, optio
     while streaming); fp8 and LoRA merging as for the other versions."""
     from diffusers import QwenImage21Transformer2DModel
 
-    from .dit import lora_merges
+    from .dit import stream_weights
 
     info = expect(path, option, "dit", _version())
     shapes = {dit_key_map(k): v for k, v in info.shapes.items()}
@@ -292,44 +300,9 @@ def load_dit(path, dtype=torch.bfloat16, device="cpu", disable_mmap=False, optio
         check_config(config)
     with init_empty_weights():
         model = QwenImage21Transformer2DModel(**config)
-    quantized = {n + ".weight": n for n, m in model.named_modules()
-                 if fp8_mode and isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
-    merges = lora_merges(model, loras or [])
-
-    def finish(key, t):
-        for w, multiplier in merges.pop(key, []):
-            t = (t.float() + w.delta().to(t.device) * multiplier).to(t.dtype)
-        if key not in quantized:
-            return {key: t}
-        from ..memory.fp8 import quantize_weight
-
-        q, s = quantize_weight(t.to(compute_device or device), fp8_mode)
-        return {key: q.to(device), quantized[key] + ".scale_weight": s.to(device)}
-
-    def transform(key, t):
-        if key.endswith(GATE_UP):
-            gate, up = t.chunk(2, dim=0)
-            return {**finish(key.replace("gate_up", "gate_layer"), gate.contiguous()),
-                    **finish(key.replace("gate_up", "proj"), up.contiguous())}
-        return finish(key, t)
-
-    fused = any(k.endswith(GATE_UP) for k in shapes)
-    state = load_tensors(info.files, dtype, device, key_map=dit_key_map, disable_mmap=disable_mmap,
-                         transform=transform if (fp8_mode or merges or fused) else None)
-    if fp8_mode:
-        from ..memory.fp8 import make_fp8_linear
-
-        for wkey, name in quantized.items():
-            make_fp8_linear(model.get_submodule(name), torch.empty_like(state[wkey], device="meta"),
-                            torch.empty_like(state[name + ".scale_weight"], device="meta"))
-    expected = set(model.state_dict().keys())
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise UserError(f"{option}: {info.files[0]} does not match the Qwen-Image-2.1 DiT layout (missing "
-                        f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model.load_state_dict(state, assign=True, strict=True)
-    model.to(device)
-    model.eval().requires_grad_(False)
+    fused = any(k.endswith(GATE_UP) for k in info.shapes)
+    stream_weights(model, info.files, "Qwen-Image-2.1 DiT", dtype, device, dit_key_map, disable_mmap, fp8_mode,
+                   compute_device, loras, option, split=split_gate_up if fused else None)
     logger.info("loaded Qwen-Image-2.1 DiT %s: %d blocks, %d heads x %d, %s", info.files[0].name,
                 config["num_layers"], config["num_attention_heads"], config["attention_head_dim"], dtype)
     return model
