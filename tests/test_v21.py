@@ -307,6 +307,8 @@ def test_memory_options_on_2_1(tmp_path, ckpt):
     q = saved_latent(run_ours(ckpt, tmp_path / "c", *common, "--fp8_scaled", "--fp8_vl", "--blocks_to_swap", "1"))[0]
     rel = ((q - plain).norm() / plain.norm()).item()
     assert 0 < rel < 0.1, rel
+    q_dit = saved_latent(run_ours(ckpt, tmp_path / "d", *common, "--fp8_scaled", "--blocks_to_swap", "1"))[0]
+    assert not torch.equal(q, q_dit)  # --fp8_vl quantises the Qwen3-VL encoder too
     toml = write_overfit_dataset(tmp_path / "data", ckpt, repeats=2)
     runs = [train(model_args(ckpt) + ["--dataset_config", str(toml), "--output_dir", str(tmp_path / f"o{i}"),
                                       "--output_name", "lora", "--network_module", "networks.lora_qwen_image",
@@ -373,16 +375,34 @@ def test_batched_loss_equals_each_sample_alone(tmp_path, ckpt):
 
 def test_interactive_lines(tmp_path, ckpt, images, monkeypatch, capsys):
     """--interactive: each line is generated with the models loaded once; a bad line is reported, not fatal."""
-    lines = iter(["a cat --w 64 --h 64 --s 2 --d 3", "x --w 48 --h 64", f"a dog --ci {images[0]} --s 2 --d 4"])
+    from conftest import console_input
 
-    def read(_prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", read)
+    console_input(monkeypatch, ["a cat --w 64 --h 64 --s 2 --d 3", "x --w 48 --h 64",
+                                f"a dog --ci {images[0]} --s 2 --d 4"])
     saved = run_ours(ckpt, tmp_path, "--interactive", "--output_resolution", "64")
     assert [Image.open(p).size for p in saved] == [(64, 64), (64, 64)]
     assert Image.open(saved[1]).text["control_images"] == str(images[0]) and Image.open(saved[1]).text["seed"] == "4"
     assert "multiples of 32" in capsys.readouterr().out
+
+
+def test_no_kv_cache_recomputes_the_prefix(tmp_path, ckpt, monkeypatch):
+    """The cache is on by default: the first step fills it and later steps read it; --no_kv_cache passes none (the
+    parity tests show both give the pipeline's latents, which in fp32 on the CPU are even bit-identical)."""
+    import inspect
+
+    calls = []
+    original = v21.predict_velocity
+
+    def recording(*args, **kw):
+        bound = inspect.signature(original).bind(*args, **kw)
+        bound.apply_defaults()
+        calls.append((bound.arguments["kv_cache"] is not None, bound.arguments["first_step"]))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(v21, "predict_velocity", recording)
+    common = ["--prompt", "x", "--image_size", "64", "64", "--infer_steps", "3", "--seed", "1", "--output_type", "latent"]
+    run_ours(ckpt, tmp_path / "a", *common)
+    assert calls == [(True, True), (True, False), (True, False)]
+    calls.clear()
+    run_ours(ckpt, tmp_path / "b", *common, "--no_kv_cache")
+    assert [c[0] for c in calls] == [False] * 3
