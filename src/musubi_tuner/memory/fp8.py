@@ -61,8 +61,8 @@ def _quantize_rows(w: torch.Tensor, rows: int | None = None) -> tuple[torch.Tens
         n = min(rows, w.shape[0] - o)
         b = band[:n]
         b.copy_(w[o:o + n])
-        lo, hi = torch.aminmax(b, dim=1, keepdim=True)
-        s = (torch.maximum(-lo, hi) / FP8_MAX).clamp_(min=1e-12)
+        # amax and amin apart: torch.aminmax over a dim is not vectorised on the CPU (about 15x slower)
+        s = (torch.maximum(b.amax(dim=1, keepdim=True), b.amin(dim=1, keepdim=True).neg_()) / FP8_MAX).clamp_(min=1e-12)
         scale[o:o + n] = s
         q[o:o + n] = b.div_(s)
     return q, scale
@@ -145,11 +145,14 @@ def make_fp8_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> 
     module.forward = types.MethodType(_fp8_forward, module)
 
 
+ERROR_ROWS = 256  # rows per weight over which quantize_linears measures the error it reports
+
+
 def quantize_linears(model: nn.Module, prefix: str = "transformer_blocks.", mode: str = "channel",
                      block_size: int = 64, exclude: tuple[str, ...] = (), device: torch.device | None = None
                      ) -> dict[str, float]:
     """Quantise every nn.Linear whose name starts with `prefix` in place (computing on `device`, e.g. the GPU, and
-    leaving the result where the weight was); returns {name: relative RMS error}."""
+    leaving the result where the weight was); returns {name: relative RMS error, measured on ERROR_ROWS rows}."""
     errors = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and name.startswith(prefix) and not any(e in name for e in exclude) \
@@ -157,7 +160,8 @@ def quantize_linears(model: nn.Module, prefix: str = "transformer_blocks.", mode
             home = m.weight.device
             w = m.weight.data.to(device or home)
             q, s = quantize_weight(w, mode, block_size)
-            errors[name] = relative_rms_error(w, q, s)
+            rows = slice(None, None, max(1, w.shape[0] // ERROR_ROWS))  # a sample: the full formula costs 10x the quantisation
+            errors[name] = relative_rms_error(w[rows], q[rows], s if s.ndim == 0 else s[rows])
             make_fp8_linear(m, q.to(home), s.to(home))
             del w
     return errors
