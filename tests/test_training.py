@@ -199,7 +199,8 @@ def test_nan_loss_stops_with_step(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,words", [(["--flash_attn"], ["--flash_attn", "--sdpa"]),
-                                         (["--xformers", "--sage_attn"], ["--xformers", "--sage_attn", "one"])])
+                                         (["--xformers", "--sage_attn"], ["--xformers", "--sage_attn", "one"]),
+                                         (["--flash3"], ["--flash3", "cannot be used", "--flash_attn"])])
 def test_attention_flag_errors_before_loading(tmp_path, capsys, monkeypatch, flags, words):
     import importlib.util
 

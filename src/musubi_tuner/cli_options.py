@@ -124,6 +124,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--xformers", action="store_true", help="xformers attention")
     a.add_argument("--flash_attn", action="store_true", help="FlashAttention")
     a.add_argument("--sage_attn", action="store_true", help="SageAttention")
+    a.add_argument("--flash3", action="store_true", help="FlashAttention 3: cannot be used with Qwen-Image (refused; "
+                   "accepted so that musubi-tuner commands name the problem)")
     a.add_argument("--split_attn", action="store_true", help="attention one sample at a time (less memory)")
     a.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast precision")
     a.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")

@@ -53,6 +53,9 @@ LOSS_COLUMNS = ["step", "epoch", "loss", "lr"]
 
 def attention_mode(args) -> tuple[str, str | None]:
     """(--attn_mode name, the flag that chose it) from --sdpa / --xformers / --flash_attn / --sage_attn."""
+    if getattr(args, "flash3", False):
+        raise UserError("--flash3: FlashAttention 3 cannot be used with Qwen-Image; use --flash_attn, --sage_attn, "
+                        "--xformers or --sdpa")
     chosen = [flag for flag in ATTENTION_FLAGS if getattr(args, flag)]
     if len(chosen) > 1:
         raise UserError(f"choose one attention backend, not {' and '.join('--' + f for f in chosen)}")
