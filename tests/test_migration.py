@@ -483,3 +483,118 @@ def test_caching_num_workers_and_debug_mode(tmp_path, capsys):
     text = capsys.readouterr().out
     assert r["shown"] == 3 and "bucket 64x64" in text and "controls" in text
     assert len(r["written"]) == 9 and all(p.parent == cache / "debug" for p in r["written"])
+
+
+# musubi-tuner options beyond the user guide (its shared parsers) ------------------------------------------------------
+
+def test_musubi_dynamo_options_become_compile_options(capsys):
+    """musubi-tuner's --dynamo_* (accelerate's dynamo plugin) select the same torch.compile settings as --compile_*;
+    the default NO compiles nothing; an unknown backend is one error line naming --dynamo_backend."""
+    from musubi_tuner import cli_options as opts
+    from musubi_tuner.qwen_image_train_network import build_parser
+
+    assert not opts.parse_args(build_parser(), []).compile
+    a = opts.parse_args(build_parser(), ["--dynamo_backend", "inductor", "--dynamo_mode", "max-autotune",
+                                         "--dynamo_fullgraph", "--dynamo_dynamic"])
+    assert (a.compile, a.compile_backend, a.compile_mode, a.compile_fullgraph, a.compile_dynamic) == \
+        (True, "inductor", "max-autotune", True, "true")
+    a = opts.parse_args(build_parser(), ["--dynamo_backend", "AOT_EAGER", "--compile_mode", "default"])
+    assert (a.compile, a.compile_backend, a.compile_mode, a.compile_fullgraph) == (True, "aot_eager", "default", False)
+    with pytest.raises(SystemExit):
+        train_main(["--dynamo_backend", "NOPE"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "--dynamo_backend NOPE" in err[0] and "INDUCTOR" in err[0]
+
+
+def test_musubi_tracker_options(tmp_path, data, capsys):
+    """--log_tracker_config's tables become the trackers' init options (here TensorBoard's file suffix);
+    a bad file, and wandb options without wandb, are one error line before any model loads."""
+    import importlib.util
+
+    cfg = tmp_path / "trackers.toml"
+    cfg.write_text('[tensorboard]\nfilename_suffix = ".mytag"\n')
+    r = run(data, tmp_path / "o", "--log_tracker_config", str(cfg), "--log_tracker_name", "proj", steps=1)
+    events = list((r["logging_dir"] / "proj").glob("events.out.tfevents.*"))
+    assert events and all(e.name.endswith(".mytag") for e in events)
+    bad = tmp_path / "bad.toml"
+    cases = [(["--log_tracker_config", str(bad)], "must be a table")]
+    bad.write_text('entity = "me"\n')
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((["--log_with", "wandb", "--wandb_api_key", "k"], "wandb package is not installed"))
+    cases.append((["--wandb_api_key", "k"], "needs --log_with wandb"))
+    for extra, words in cases:
+        with pytest.raises(SystemExit):
+            run(data, tmp_path / "x", *extra)
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        assert len(err) == 1 and words in err[0], err
+        assert not (tmp_path / "x").exists()
+
+
+def test_musubi_num_layers_vae_dtype_and_inert_options(tmp_path, data, monkeypatch, caplog, capsys):
+    """--num_layers must match the DiT's block count (musubi-tuner loads strictly); --vae_dtype sets the sampling
+    VAE's dtype; HunyuanVideo-only options are accepted with a warning and change nothing."""
+    from musubi_tuner.training import sampling
+
+    models, _ = data
+    blocks = len({k.split(".")[1] for k in load_file(str(models["dit"])) if k.startswith("transformer_blocks.")})
+    dtypes = []
+    real = sampling.load_vae
+    monkeypatch.setattr(sampling, "load_vae", lambda path, dtype, *a: dtypes.append(dtype) or real(path, dtype, *a))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 32 --h 32 --s 2\n")
+    plain = run(data, tmp_path / "a", "--learning_rate", "0", steps=1)
+    inert = run(data, tmp_path / "b", "--learning_rate", "0", "--num_layers", str(blocks), "--vae_dtype", "bfloat16",
+                "--sample_prompts", str(prompts), "--sample_at_first", "--img_in_txt_in_offloading",
+                "--guidance_scale", "3.5", "--block_swap_h2d_only", "--block_swap_ring_size", "2", steps=1)
+    assert dtypes == [torch.bfloat16]
+    assert "--img_in_txt_in_offloading has no effect" in caplog.text and "--guidance_scale has no effect" in caplog.text
+    a, b = load_file(str(plain["final"])), load_file(str(inert["final"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(data, tmp_path / "c", "--num_layers", str(blocks + 1))
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and f"has {blocks} blocks" in err[0] and "--num_layers" in err[0]
+    with pytest.raises(SystemExit):
+        gen(models, tmp_path / "d", "--num_layers", "99")
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and f"has {blocks} blocks" in err[0]
+
+
+def test_musubi_generation_no_metadata_bell_and_inert_options(tmp_path, data, capsys, caplog):
+    """--no_metadata writes the PNG and the latent file without the prompt and settings; --bell rings once at the
+    end; --lycoris and --embedded_cfg_scale are accepted (LoHa/LoKr need no LyCORIS here) and change nothing."""
+    models, _ = data
+    with_md = gen(models, tmp_path / "a", "--output_type", "latent_images", "--num_layers", "2")
+    capsys.readouterr()
+    bare = gen(models, tmp_path / "b", "--output_type", "latent_images", "--no_metadata", "--bell", "--lycoris",
+               "--embedded_cfg_scale", "2.5")
+    assert capsys.readouterr().out.count("\a") == 1
+    assert "--lycoris has no effect" in caplog.text and "--embedded_cfg_scale has no effect" in caplog.text
+    png = {p.suffix: p for p in with_md}, {p.suffix: p for p in bare}
+    assert Image.open(png[0][".png"]).text["prompt"] == "x" and not Image.open(png[1][".png"]).text
+    with safe_open(str(png[0][".safetensors"]), "pt") as f, safe_open(str(png[1][".safetensors"]), "pt") as g:
+        assert f.metadata()["prompt"] == "x" and not g.metadata()
+    assert torch.equal(load_file(str(png[0][".safetensors"]))["latent"], load_file(str(png[1][".safetensors"]))["latent"])
+
+
+def test_musubi_latent_caching_options(tmp_path, monkeypatch, capsys, caplog):
+    """qwen_image_cache_latents.py takes musubi-tuner's shared VAE options: --vae_tiling tiles, --disable_cudnn_backend
+    turns cuDNN off, --vae_dtype is refused as there, the HunyuanVideo and console options warn and change nothing."""
+    models, toml = make_cached_dataset(tmp_path, "original", n=2, batch_size=1)
+    cache = tmp_path / "cache"
+    before = {f.name: load_file(str(f)) for f in cache.glob("*_qi.safetensors")}
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    common = ["--dataset_config", str(toml), "--device", "cpu", "--vae", str(models["vae"])]
+    cache_latents_main(common + ["--vae_tiling", "--disable_cudnn_backend", "--vae_chunk_size", "32",
+                                 "--console_width", "100"])
+    assert not torch.backends.cudnn.enabled
+    assert "--vae_chunk_size has no effect" in caplog.text and "--console_width has no effect" in caplog.text
+    after = {f.name: load_file(str(f)) for f in cache.glob("*_qi.safetensors")}
+    assert before.keys() == after.keys() and all(torch.allclose(before[n][k], after[n][k], atol=1e-5)
+                                                  for n in before for k in before[n])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cache_latents_main(common + ["--vae_dtype", "float16"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "--vae_dtype" in err[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .errors import UserError
+from .fileio import DTYPE_NAMES
 from .qwen_image.versions import VERSIONS, ModelVersion, resolve_version
 
 
@@ -16,6 +17,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text.lower() or action.default in (None, False, [], "", argparse.SUPPRESS):
             return text
         return super()._get_help_string(action)
+
+
+class Inert(argparse.Action):
+    """A musubi-tuner option that has no effect on Qwen-Image (there either): accepted so that its command lines
+    run, with a warning when given."""
+
+    def __init__(self, option_strings, dest, why: str = "", **kw):
+        self.why = why
+        if kw.get("type") is None and kw.get("nargs") is None:
+            kw["nargs"] = 0
+        super().__init__(option_strings, dest, default=None, help=f"musubi-tuner option, no effect: {why}", **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import logging
+
+        logging.getLogger(__name__).warning("%s has no effect here: %s", option_string, self.why)
+        setattr(namespace, self.dest, True if values == [] else values)
+
+
+def add_num_layers_arg(g) -> None:
+    g.add_argument("--num_layers", type=int, default=None, help="number of DiT blocks the --dit file must have "
+                   "(musubi-tuner's option; the count is read from the file, so this only checks it)")
 
 
 def add_model_args(p: argparse.ArgumentParser, dit: bool = True, vae: bool = True, text_encoder: bool = True) -> None:
@@ -64,6 +87,11 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
                    "stream them in when used (training: also in backward)")
     g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="swapped blocks live in pinned "
                    "CPU memory (always so here: accepted for musubi-tuner command lines)")
+    if training:
+        g.add_argument("--block_swap_h2d_only", action="store_true", help="frozen swapped weights are only copied host "
+                       "to device, never back (always so here: accepted for musubi-tuner command lines)")
+        g.add_argument("--block_swap_ring_size", type=int, default=2, choices=[2], help="device buffers for streamed "
+                       "blocks: 2, one computing and one arriving (the only layout here)")
     g.add_argument("--disable_numpy_memmap", action="store_true",
                    help="read weight files with plain reads instead of memory mapping (more RAM, sometimes faster)")
     c = p.add_argument_group("torch.compile")
@@ -78,10 +106,31 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     c.add_argument("--compile_fullgraph", action="store_true", help="fail instead of falling back on graph breaks")
     c.add_argument("--compile_cache_size_limit", type=int, default=None,
                    help="torch._dynamo cache_size_limit (raise it when many bucket sizes cause recompiles)")
+    if training:
+        c.add_argument("--dynamo_backend", default="NO", type=str.upper, help="musubi-tuner's accelerate dynamo "
+                       "option: a backend other than NO means --compile with --compile_backend set to it (lower case)")
+        c.add_argument("--dynamo_mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                       help="with --dynamo_backend: --compile_mode")
+        c.add_argument("--dynamo_fullgraph", action="store_true", help="with --dynamo_backend: --compile_fullgraph")
+        c.add_argument("--dynamo_dynamic", action="store_true", help="with --dynamo_backend: --compile_dynamic true")
 
 
 def add_vae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae_enable_tiling", action="store_true", help="encode/decode the VAE in tiles (large images)")
+
+
+def add_latent_cache_compat_args(p: argparse.ArgumentParser) -> None:
+    """Options musubi-tuner's qwen_image_cache_latents.py accepts from its shared (HunyuanVideo) VAE parser."""
+    g = p.add_argument_group("musubi-tuner options")
+    g.add_argument("--vae_tiling", dest="vae_enable_tiling", action="store_true", help="same as --vae_enable_tiling")
+    g.add_argument("--disable_cudnn_backend", action="store_true", help="turn cuDNN off (may help on AMD GPUs)")
+    g.add_argument("--vae_dtype", default=None, help="refused, as in musubi-tuner: the Qwen-Image VAE runs in the "
+                   "compute dtype")
+    for name in ("--vae_chunk_size", "--vae_spatial_tile_sample_min_size"):
+        g.add_argument(name, type=int, action=Inert, why="HunyuanVideo VAE only")
+    for name, kind in (("--console_width", int), ("--console_back", str), ("--console_num_images", int)):
+        g.add_argument(name, type=kind, action=Inert, why="--debug_mode console prints sizes and buckets here, not "
+                       "pictures")
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
@@ -110,6 +159,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
     add_config_file_arg(p)
     add_model_args(p)
+    add_num_layers_arg(p)
     d = p.add_argument_group("data")
     d.add_argument("--dataset_config", help="dataset TOML or JSON (caches must exist: run the two caching scripts first)")
     d.add_argument("--max_data_loader_n_workers", type=int, default=2, help="DataLoader worker processes")
@@ -130,6 +180,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast precision")
     a.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
     a.add_argument("--gradient_checkpointing_cpu_offload", action="store_true", help="keep block inputs on the CPU")
+    a.add_argument("--vae_dtype", choices=sorted(DTYPE_NAMES), default=None, help="VAE dtype for sample images "
+                   "(default: the training dtype on a GPU, float32 on the CPU)")
+    a.add_argument("--img_in_txt_in_offloading", action=Inert, why="HunyuanVideo only")
+    a.add_argument("--guidance_scale", type=float, action=Inert, why="embedded guidance, HunyuanVideo only")
     a.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls and convolutions (Ampere+)")
     a.add_argument("--cuda_cudnn_benchmark", action="store_true", help="let cuDNN pick the fastest algorithms")
     a.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -206,6 +260,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--log_tracker_name", default=None, help="tracker project name (default: network or finetune)")
     r.add_argument("--wandb_run_name", default=None, help="name of the wandb run")
     r.add_argument("--log_config", action="store_true", help="log the options to the trackers and the console")
+    r.add_argument("--log_tracker_config", default=None, help="TOML file of tracker init options, one table per "
+                   "tracker (e.g. [wandb] entity = ..., [tensorboard] flush_secs = 30), as in musubi-tuner")
+    r.add_argument("--wandb_api_key", default=None, help="log in to wandb with this key before training")
     m = p.add_argument_group("multiple processes")
     m.add_argument("--ddp_timeout", type=int, default=None, help="timeout of collective operations, minutes")
     m.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
@@ -246,10 +303,33 @@ def add_config_file_arg(p: argparse.ArgumentParser) -> None:
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """parse_args with --config_file: the file's values become defaults, so the command line overrides them."""
     args = parser.parse_args(argv)
-    if not getattr(args, "config_file", None):
+    if getattr(args, "config_file", None):
+        values = read_config_file(args.config_file, parser)
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    return apply_dynamo_options(args)
+
+
+def apply_dynamo_options(args: argparse.Namespace) -> argparse.Namespace:
+    """musubi-tuner's --dynamo_* options (accelerate's dynamo plugin, which compiles the whole model) become the
+    --compile_* options here (each transformer block compiled, hooks such as block swap kept outside)."""
+    backend = getattr(args, "dynamo_backend", "NO")
+    if backend in (None, "NO"):
         return args
-    values = read_config_file(args.config_file, parser)
-    return parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    import logging
+
+    import torch
+
+    if backend.lower() not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"--dynamo_backend {backend}: not a torch.compile backend here; choose from "
+                        f"{', '.join(b.upper() for b in torch._dynamo.list_backends(exclude_tags=()))} or NO")
+    args.compile, args.compile_backend = True, backend.lower()
+    args.compile_mode = args.dynamo_mode or args.compile_mode
+    args.compile_fullgraph = args.compile_fullgraph or args.dynamo_fullgraph
+    if args.dynamo_dynamic:
+        args.compile_dynamic = "true"
+    logging.getLogger(__name__).info("--dynamo_backend %s: torch.compile on each transformer block (as --compile "
+                                     "--compile_backend %s)", backend, args.compile_backend)
+    return args
 
 
 def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:

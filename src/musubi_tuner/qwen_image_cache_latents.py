@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_dataset_args(p)
     opts.add_model_args(p, dit=False, text_encoder=False)
     opts.add_vae_args(p)
+    opts.add_latent_cache_compat_args(p)
     p.add_argument("--debug_mode", choices=["image", "console"], default=None, help="show the prepared dataset "
                    "instead of caching it: console prints bucket and sizes per item, image writes the prepared "
                    "pictures to <cache_directory>/debug/")

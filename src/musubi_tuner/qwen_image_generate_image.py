@@ -17,6 +17,7 @@ from musubi_tuner.memory.attention import ATTN_BACKENDS  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=opts.HelpFormatter)
     opts.add_model_args(p)
+    opts.add_num_layers_arg(p)
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="prompt text (layered: leave it out to caption the image automatically)")
     g.add_argument("--negative_prompt", default=None, help="negative prompt for CFG (default: ' ')")
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=None, help="true CFG scale (1 disables CFG; default 4.0, "
                    "2.1: 1.0, the pipeline samples without CFG)")
     g.add_argument("--flow_shift", type=float, default=None, help="static shift; default: dynamic shift by image size")
+    g.add_argument("--embedded_cfg_scale", type=float, action=opts.Inert, why="Qwen-Image has no embedded "
+                   "(distilled) guidance; --guidance_scale is its CFG")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --d --s --g/--l --fs --n --ci "
                                        "--f --rcm_th --rcm_rel_th --rcm_ks --rcm_ds")
@@ -40,9 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "--save_merged_model)")
     o.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
     o.add_argument("--latent_path", nargs="+", help="decode these saved latent files only (no DiT / text encoder)")
+    o.add_argument("--no_metadata", action="store_true", help="write images and latent files without the prompt, "
+                   "seed and settings in their metadata")
+    o.add_argument("--bell", action="store_true", help="ring the terminal bell when done (interactive: after each "
+                   "image)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_weight", nargs="+", help="LoRA files to merge (kohya or diffusers lora_A/B format)")
     lo.add_argument("--lora_multiplier", type=float, nargs="+", help="one multiplier, or one per LoRA (default 1.0)")
+    lo.add_argument("--lycoris", action=opts.Inert, why="LoHa and LoKr files are read and merged without the "
+                    "LyCORIS library")
     lo.add_argument("--include_patterns", nargs="*", default=None,
                     help="merge only the LoRA keys one of these regexes finds (re.search on the file's keys)")
     lo.add_argument("--exclude_patterns", nargs="*", default=None, help="do not merge LoRA keys these regexes find")

@@ -89,6 +89,12 @@ def _prepared(entries, version: ModelVersion, workers: int, with_targets: bool =
 def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
     from ..qwen_image.vae import encode, load_vae
 
+    if getattr(args, "vae_dtype", None):
+        raise UserError("--vae_dtype is not supported for Qwen-Image (as in musubi-tuner): the VAE runs in the compute "
+                        "dtype; leave it out")
+    if getattr(args, "disable_cudnn_backend", False):
+        logger.info("--disable_cudnn_backend: cuDNN is off")
+        torch.backends.cudnn.enabled = False
     items = collect_items(load_dataset_config(args.dataset_config), version)
     if getattr(args, "debug_mode", None):
         from .debug import show_dataset

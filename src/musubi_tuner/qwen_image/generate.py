@@ -218,6 +218,9 @@ def spec_metadata(spec: GenerationSpec, version: ModelVersion) -> dict[str, str]
 
 
 def result_metadata(spec: GenerationSpec, version: ModelVersion, args) -> dict[str, str]:
+    """What a latent file or PNG records of its generation; nothing with --no_metadata."""
+    if args.no_metadata:
+        return {}
     md = spec_metadata(spec, version)
     if version.is_layered:
         md["remove_first_image_from_target"] = str(trained_without_composite(args))
@@ -390,7 +393,7 @@ def check_models(args, version: ModelVersion, needs_vae: bool) -> None:
     for n in ("dit", "text_encoder") + (("vae",) if needs_vae else ()):
         if not getattr(args, n):
             raise UserError(f"missing required option --{n}")
-    expect(args.dit, "--dit", "dit", version)
+    expect(args.dit, "--dit", "dit", version, num_layers=args.num_layers)
     expect(args.text_encoder, "--text_encoder", "text_encoder", version)
     if needs_vae:
         expect(args.vae, "--vae", "vae", version)
@@ -401,10 +404,23 @@ def check_models(args, version: ModelVersion, needs_vae: bool) -> None:
 
 
 def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
+    """The generation run of --model_version (2.1 has its own); --bell rings when it is done."""
     if version.is_v21:
         from .generate_v21 import run as run_v21
 
-        return run_v21(args, version)
+        saved = run_v21(args, version)
+    else:
+        saved = run_qwen_image(args, version)
+    ring(args.bell)
+    return saved
+
+
+def ring(bell: bool) -> None:
+    if bell:
+        print("\a", end="", flush=True)
+
+
+def run_qwen_image(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
     device, dtype = compute_setup(args.device)
     vae_dtype = torch.float32 if device.type == "cpu" else dtype
     if args.save_merged_model:
@@ -492,7 +508,7 @@ def save_merged_model(args, version: ModelVersion) -> Path:
     check_writable_folder(out.parent, "--save_merged_model")
     if not args.dit:
         raise UserError("missing required option --dit")
-    info = expect(args.dit, "--dit", "dit", version)
+    info = expect(args.dit, "--dit", "dit", version, num_layers=args.num_layers)
     for lw in args.lora_weight or []:
         expect(lw, "--lora_weight", "lora", version)
     if not args.lora_weight:
@@ -543,12 +559,13 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
         result = generate_job(model, job, 0, 1, args, version, device, dtype)
         return save_results([result], args, version, vae)
 
-    return console(generate_line, read_line)
+    return console(generate_line, read_line, args.bell)
 
 
-def console(generate_line: Callable[[str], list[Path]], read_line=None) -> list[Path]:
-    """The --interactive loop of every version: each non-empty line is generated and saved at once; a bad line
-    (UserError) is reported and the next one read; Ctrl-D (EOF) ends; Ctrl-C stops the current image only."""
+def console(generate_line: Callable[[str], list[Path]], read_line=None, bell: bool = False) -> list[Path]:
+    """The --interactive loop of every version: each non-empty line is generated and saved at once (--bell rings
+    after each); a bad line (UserError) is reported and the next one read; Ctrl-D (EOF) ends; Ctrl-C stops the
+    current image only."""
     saved: list[Path] = []
     print("Interactive mode: enter a prompt (with --w --h --d --s --l --n --ci ... switches); Ctrl-D ends.")
     while True:
@@ -561,6 +578,7 @@ def console(generate_line: Callable[[str], list[Path]], read_line=None) -> list[
             continue
         try:
             saved += generate_line(line)
+            ring(bell)
         except UserError as e:
             print(f"error: {e}")
         except KeyboardInterrupt:

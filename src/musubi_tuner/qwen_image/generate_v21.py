@@ -193,4 +193,4 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
         lat = denoise_job(model, job, config, sample_sigmas, not args.no_kv_cache, device, dtype)
         return save_results([(lat[0], output_stem(Path(args.save_path), spec.seed, 0, 1), spec)], args, version, vae)
 
-    return console(generate_line, read_line)
+    return console(generate_line, read_line, args.bell)

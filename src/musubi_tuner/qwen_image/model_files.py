@@ -125,11 +125,17 @@ def _hint(kind: str, version: ModelVersion | None) -> str:
     return "a LoRA file written by a trainer (kohya lora_unet_* or diffusers lora_A/lora_B keys)"
 
 
-def expect(path: str | os.PathLike, option: str, kind: str, version: ModelVersion | None = None) -> ModelFile:
-    """The file behind `option` must be of `kind` (and fit `version`); otherwise one UserError that says what the
-    file is and which file to pass instead."""
+def expect(path: str | os.PathLike, option: str, kind: str, version: ModelVersion | None = None,
+           num_layers: int | None = None) -> ModelFile:
+    """The file behind `option` must be of `kind` (and fit `version`, and for a DiT have `num_layers` blocks when
+    given); otherwise one UserError that says what the file is and which file to pass instead."""
     info = inspect_file(path, option, SUBFOLDER.get(kind))
     first = info.files[0]
+    if num_layers is not None and info.kind == kind == "dit":
+        blocks = {int(k.split(".")[1]) for k in info.dit_shapes if k.startswith("transformer_blocks.")}
+        if len(blocks) != num_layers:
+            raise UserError(f"--num_layers {num_layers}: {first} has {len(blocks)} blocks; leave --num_layers out "
+                            "(the block count is read from the file)")
     if info.kind != kind:
         what = info.describe()
         if info.kind == "train_state" and kind == "lora":

@@ -17,6 +17,7 @@ from ..dataset.buckets import resize_crop, select_bucket
 from ..dataset.config import DatasetConfig
 from ..dataset.prepare import prepare_control
 from ..errors import UserError
+from ..fileio import DTYPE_NAMES
 from ..qwen_image import edit as E
 from ..qwen_image.generate import (Job, check_captioning, decode_and_save, denoise, encode_all, encode_controls,
                                    frame_names, spec_metadata)
@@ -91,6 +92,13 @@ def plan_v21_samples(args, specs: list[GenerationSpec], cfg: DatasetConfig) -> l
     return jobs
 
 
+
+def vae_dtype(args, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """--vae_dtype, else the training dtype on a GPU and float32 on the CPU."""
+    if getattr(args, "vae_dtype", None):
+        return DTYPE_NAMES[args.vae_dtype]
+    return torch.float32 if device.type == "cpu" else dtype
+
 class TrainingSampler:
     """Prompts (and control images) are encoded once before training and the text encoder is released; images go
     to <output_dir>/sample/ and to the trackers."""
@@ -102,7 +110,7 @@ class TrainingSampler:
             from ..qwen_image import generate_v21, v21
 
             generate_v21.encode_jobs(jobs, _generation_args(args), device, dtype)
-            self.vae = v21.load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device)
+            self.vae = v21.load_vae(args.vae, vae_dtype(args, device, dtype), device)
             generate_v21.encode_conditions(self.vae, jobs)
             self.schedule = v21.scheduler_settings(args.dit)
             self.folder = Path(args.output_dir) / "sample"
@@ -112,7 +120,7 @@ class TrainingSampler:
                              [j.vl_images(version) for j in self.jobs] if has_controls else None)
         for job, enc in zip(self.jobs, encoded):
             job.encoded = enc
-        self.vae = load_vae(args.vae, torch.float32 if device.type == "cpu" else dtype, device, version.vae_channels)
+        self.vae = load_vae(args.vae, vae_dtype(args, device, dtype), device, version.vae_channels)
         if has_controls:
             encode_controls(self.vae, self.jobs, version)
         self.folder = Path(args.output_dir) / "sample"

@@ -27,7 +27,7 @@ from ..dataset.holdout import split_items
 from ..dataset.items import collect_items
 from ..dataset.loader import CachedBatches, check_caches, make_loader
 from ..errors import UserError, plural
-from ..fileio import check_writable_folder
+from ..fileio import DTYPE_NAMES, check_writable_folder
 from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
 from ..qwen_image.model_files import expect
@@ -60,6 +60,39 @@ def attention_mode(args) -> tuple[str, str | None]:
     if len(chosen) > 1:
         raise UserError(f"choose one attention backend, not {' and '.join('--' + f for f in chosen)}")
     return (ATTENTION_FLAGS[chosen[0]], "--" + chosen[0]) if chosen else ("sdpa", None)
+
+
+def tracker_init_kwargs(args) -> dict:
+    """accelerate's init_kwargs: --log_tracker_config's tables (as musubi-tuner: the file replaces the defaults), else
+    the wandb run name."""
+    if args.log_tracker_config:
+        import tomllib
+
+        from ..fileio import read_text
+
+        where = f"--log_tracker_config {args.log_tracker_config}"
+        try:
+            data = tomllib.loads(read_text(args.log_tracker_config, "--log_tracker_config"))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{where}: invalid TOML ({e})") from None
+        bad = [k for k, v in data.items() if not isinstance(v, dict)]
+        if bad:
+            raise UserError(f"{where}: {bad[0]} must be a table of one tracker's options, e.g. [wandb] entity = \"me\"")
+        return data
+    return {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
+
+
+def check_trackers(args) -> None:
+    """The tracker options work before any model loads: wandb installed when asked for, the tracker config readable."""
+    import importlib.util
+
+    wandb = args.log_with in ("wandb", "all")
+    if wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--log_with {args.log_with}: the wandb package is not installed; pip install wandb, or use "
+                        "--log_with tensorboard")
+    if args.wandb_api_key and not wandb:
+        raise UserError("--wandb_api_key needs --log_with wandb (or all)")
+    tracker_init_kwargs(args)
 
 
 def after_optimizer_step(step: int) -> None:
@@ -115,8 +148,7 @@ class Mode:
 
 
 def save_dtype(name: str | None) -> torch.dtype | None:
-    return {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
-            "bf16": torch.bfloat16}[name]
+    return None if name is None else DTYPE_NAMES[name]
 
 
 def check_ranges(args) -> None:
@@ -154,7 +186,7 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     """All checks that need no model, before anything heavy is loaded: files by their headers, option ranges,
     sample prompts, caches, the output folder."""
     opts.require(args, "dit", "vae", "text_encoder", "dataset_config", "output_dir")
-    expect(args.dit, "--dit", "dit", version)
+    expect(args.dit, "--dit", "dit", version, num_layers=args.num_layers)
     expect(args.vae, "--vae", "vae", version)
     expect(args.text_encoder, "--text_encoder", "text_encoder", version)
     if args.remove_first_image_from_target and not version.is_layered:
@@ -168,6 +200,7 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     mode.validate(args, version)
     check_attention(*attention_mode(args))
     check_compile(args)
+    check_trackers(args)
     check_writable_folder(args.output_dir, "--output_dir")
     configs = load_dataset_config(args.dataset_config)
     jobs = None
@@ -345,7 +378,15 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         if args.log_config:
             logger.info("options: %s", json.dumps(config, sort_keys=True))
-        init = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
+        if args.log_with in ("wandb", "all"):
+            import os
+
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(accelerator.logging_dir))
+            if args.wandb_api_key:
+                wandb.login(key=args.wandb_api_key)
+        init = tracker_init_kwargs(args)
         accelerator.init_trackers(args.log_tracker_name or f"{args.log_prefix}{mode.name}", config=config,
                                   init_kwargs=init)
     steps_per_epoch = math.ceil(len(dataset) / ga)
