@@ -598,3 +598,76 @@ def test_musubi_latent_caching_options(tmp_path, monkeypatch, capsys, caplog):
         cache_latents_main(common + ["--vae_dtype", "float16"])
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and "--vae_dtype" in err[0]
+
+
+class FakeHub:
+    """huggingface_hub's HfApi calls the trainer makes, against a folder (the Hub cannot be reached here): what is
+    uploaded lands in root/<repo_id>/<path_in_repo>, and snapshot_download hands that folder back."""
+
+    root: Path
+    calls: list
+    fail = False
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, repo_type="model", exist_ok=False, private=False):
+        FakeHub.calls.append(("create_repo", repo_id, repo_type, private))
+
+    def upload_file(self, path_or_fileobj, repo_id, repo_type, path_in_repo):
+        if FakeHub.fail:
+            raise ConnectionError("hub unreachable")
+        FakeHub.calls.append(("upload_file", path_in_repo))
+        dest = FakeHub.root / repo_id / path_in_repo
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path_or_fileobj, dest)
+
+    def upload_folder(self, folder_path, repo_id, repo_type, path_in_repo):
+        FakeHub.calls.append(("upload_folder", path_in_repo))
+        shutil.copytree(folder_path, FakeHub.root / repo_id / path_in_repo, dirs_exist_ok=True)
+
+    @staticmethod
+    def snapshot_download(repo_id, repo_type="model", revision=None, token=None, allow_patterns=None):
+        FakeHub.calls.append(("snapshot_download", repo_id, revision, repo_type, tuple(allow_patterns)))
+        return str(FakeHub.root / repo_id)
+
+
+def test_huggingface_upload_and_resume(tmp_path, data, monkeypatch, capsys, caplog):
+    """musubi-tuner's Hub options: every checkpoint (and with --save_state_to_huggingface every state) is uploaded to
+    --huggingface_repo_id under --huggingface_path_in_repo, in the background with --async_upload; a run resumed from
+    the uploaded state (--resume REPO/PATH:REVISION:TYPE --resume_from_huggingface) ends with the same weights as the
+    uninterrupted run; a failed upload is logged and the run still finishes; bad combinations are refused up front."""
+    import huggingface_hub
+
+    FakeHub.root, FakeHub.calls = tmp_path / "hub", []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub.snapshot_download)
+    hub = ["--huggingface_repo_id", "me/lora", "--huggingface_path_in_repo", "runs/a", "--async_upload"]
+    full = run(data, tmp_path / "a", "--save_every_n_steps", "2", "--save_state", "--save_state_to_huggingface", *hub,
+               steps=4)
+    repo = FakeHub.root / "me/lora/runs/a"
+    assert sorted(p.name for p in repo.iterdir()) == ["lora-state", "lora-step00000002-state",
+                                                      "lora-step00000002.safetensors", "lora.safetensors"]
+    assert ("create_repo", "me/lora", "model", True) in FakeHub.calls
+    assert (repo / "lora.safetensors").read_bytes() == full["final"].read_bytes()
+    resumed = run(data, tmp_path / "b", "--resume", "me/lora/runs/a/lora-step00000002-state:main:model",
+                  "--resume_from_huggingface", steps=4)
+    assert ("snapshot_download", "me/lora", "main", "model", ("runs/a/lora-step00000002-state/*",)) in FakeHub.calls
+    assert len(resumed["losses"]) == 2 and len(full["losses"]) == 4  # it trained steps 3 and 4 only
+    a, b = load_file(str(full["final"])), load_file(str(resumed["final"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    FakeHub.fail = True
+    try:
+        r = run(data, tmp_path / "c", "--huggingface_repo_id", "me/other", steps=1)
+    finally:
+        FakeHub.fail = False
+    assert r["final"].is_file() and "upload of lora.safetensors to me/other failed" in caplog.text
+    for extra, words in ((["--save_state_to_huggingface"], "needs --huggingface_repo_id"),
+                         (["--huggingface_repo_id", "no-slash"], "user/name"),
+                         (["--resume_from_huggingface", "--resume", "me/lora"], "REPO_ID/PATH")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            run(data, tmp_path / "d", *extra)
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        assert len(err) == 1 and words in err[0], err

@@ -269,6 +269,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for musubi-tuner command lines; gradients are all-reduced without DDP here")
     m.add_argument("--ddp_static_graph", action="store_true",
                    help="accepted for musubi-tuner command lines; gradients are all-reduced without DDP here")
+    add_hub_args(p)
     s = p.add_argument_group("sampling during training")
     s.add_argument("--sample_prompts", help="prompt file (.txt lines with --w --h --d --s --l --n --fs --ci --f, or "
                    "musubi-tuner's .toml / .json)")
@@ -292,6 +293,24 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("--validation_sigmas", type=float, nargs="+", default=None,
                    help="sigmas (t / 1000, in (0, 1]) to validate at (default: the 10/30/50/70/90 %% quantiles of "
                         "the timestep distribution training uses)")
+
+
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    """musubi-tuner's Hugging Face Hub options of training (see training/hub.py)."""
+    g = p.add_argument_group("Hugging Face Hub")
+    g.add_argument("--huggingface_repo_id", default=None, help="upload every saved checkpoint to this repository "
+                   "(user/name; created, private unless --huggingface_repo_visibility public, when it does not exist)")
+    g.add_argument("--huggingface_repo_type", default="model", choices=["model", "dataset", "space"],
+                   help="repository type")
+    g.add_argument("--huggingface_path_in_repo", default=None, help="folder in the repository (default: its root)")
+    g.add_argument("--huggingface_token", default=None, help="access token (default: the logged-in user's)")
+    g.add_argument("--huggingface_repo_visibility", default=None, choices=["public", "private"],
+                   help="visibility of a repository created for the upload (default: private)")
+    g.add_argument("--save_state_to_huggingface", action="store_true", help="also upload the state folders")
+    g.add_argument("--resume_from_huggingface", action="store_true", help="--resume names a state in a Hub "
+                   "repository: REPO_ID/PATH[:REVISION[:REPO_TYPE]]")
+    g.add_argument("--async_upload", action="store_true", help="upload in the background while training goes on "
+                   "(the run waits for the uploads at its end)")
 
 
 def add_config_file_arg(p: argparse.ArgumentParser) -> None:

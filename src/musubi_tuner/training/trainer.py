@@ -35,6 +35,7 @@ from ..qwen_image.versions import ModelVersion
 from .checkpoints import (
     TrainState, check_resume_settings, load_state, load_trainable, read_state_meta, rng_states, save_state,
 )
+from .hub import Uploader, check_hub_options, download_state
 from .interrupt import StopRequest
 from .loss import flow_matching_loss, sample_generators
 from .metadata import modelspec, training_metadata, weights_metadata
@@ -201,7 +202,10 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     check_attention(*attention_mode(args))
     check_compile(args)
     check_trackers(args)
+    check_hub_options(args)
     check_writable_folder(args.output_dir, "--output_dir")
+    if args.resume_from_huggingface:  # from here on --resume is the downloaded folder
+        args.resume = str(download_state(args))
     configs = load_dataset_config(args.dataset_config)
     jobs = None
     if args.sample_prompts:
@@ -396,6 +400,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
     settings = {"training script": mode.script, "--model_version": version.name,
                 "--optimizer_type": args.optimizer_type, **mode.resume_settings(args)}
 
+    uploader = Uploader(args)
+
     def write_state(folder: Path, at: Boundary) -> Path:
         extra = {"settings": settings}
         if mode.sharded:
@@ -416,6 +422,11 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                 logger.info("saved %s", path)
         if with_state and (accelerator.is_main_process or mode.sharded):
             write_state(output_dir / f"{name}-state", at)
+        if accelerator.is_main_process:
+            if weights:
+                uploader.upload(path)
+            if with_state:
+                uploader.upload(output_dir / f"{name}-state", state=True)
         return path
 
     def boundary() -> Boundary:
@@ -552,6 +563,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
         keep_copy(final, output_dir / (name + mode.extension()))
         if with_state:
             keep_copy(output_dir / f"{args.output_name}-state", output_dir / f"{name}-state")
+    uploader.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"final": final, "losses": losses, "steps": state.global_step,
