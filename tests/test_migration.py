@@ -487,7 +487,7 @@ def test_caching_num_workers_and_debug_mode(tmp_path, capsys):
 
 # musubi-tuner options beyond the user guide (its shared parsers) ------------------------------------------------------
 
-def test_musubi_dynamo_options_become_compile_options(capsys):
+def test_musubi_dynamo_options_become_compile_options(tmp_path, capsys):
     """musubi-tuner's --dynamo_* (accelerate's dynamo plugin) select the same torch.compile settings as --compile_*;
     the default NO compiles nothing; an unknown backend is one error line naming --dynamo_backend."""
     from musubi_tuner import cli_options as opts
@@ -500,6 +500,10 @@ def test_musubi_dynamo_options_become_compile_options(capsys):
         (True, "inductor", "max-autotune", True, "true")
     a = opts.parse_args(build_parser(), ["--dynamo_backend", "AOT_EAGER", "--compile_mode", "default"])
     assert (a.compile, a.compile_backend, a.compile_mode, a.compile_fullgraph) == (True, "aot_eager", "default", False)
+    cfg = tmp_path / "config.toml"  # as a musubi-tuner config file holds them
+    cfg.write_text('dynamo_backend = "no"\nimg_in_txt_in_offloading = false\nguidance_scale = 1.0\n')
+    a = opts.parse_args(build_parser(), ["--config_file", str(cfg)])
+    assert (a.compile, a.img_in_txt_in_offloading, a.guidance_scale) == (False, False, 1.0)
     with pytest.raises(SystemExit):
         train_main(["--dynamo_backend", "NOPE"])
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]

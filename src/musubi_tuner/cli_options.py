@@ -386,7 +386,8 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def _config_value(action: argparse.Action, value, where: str):
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or (
+            isinstance(action, Inert) and action.nargs == 0):
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, got {value!r}")
         return value
