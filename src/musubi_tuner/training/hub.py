@@ -38,10 +38,10 @@ def check_hub_options(args) -> None:
 def parse_resume(spec: str) -> tuple[str, str, str | None, str]:
     """REPO_ID/PATH[:REVISION[:REPO_TYPE]] -> (repo_id, path, revision, repo_type), as musubi-tuner reads it."""
     parts = spec.split(":")
-    if len(parts) > 3 or spec.count("/") < 2:
+    owner, name, path = (parts[0].split("/", 2) + ["", ""])[:3]
+    if len(parts) > 3 or not REPO_ID.match(f"{owner}/{name}") or not path.strip("/"):
         raise UserError(f"--resume {spec}: with --resume_from_huggingface give REPO_ID/PATH[:REVISION[:REPO_TYPE]], "
                         "e.g. me/my-lora/my_lora-step00001000-state:main:model")
-    owner, name, path = parts[0].split("/", 2)
     repo_type = parts[2] if len(parts) == 3 else "model"
     if repo_type not in ("model", "dataset", "space"):
         raise UserError(f"--resume {spec}: repository type {repo_type!r} is not model, dataset or space")
