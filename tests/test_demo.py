@@ -11,10 +11,10 @@ from PIL import Image
 
 from musubi_tuner.demo import main as demo_main
 
-# measured with the shipped models and these settings (seeded): see docs/nano.md
-NEW_BEFORE_AT_MOST = 0.35
-NEW_AFTER_AT_LEAST = 0.6
-OLD_AFTER_AT_LEAST = 0.5
+# measured with the shipped models and these settings (seeded; purple 42% -> 100%, old 83%): see docs/nano.md
+NEW_BEFORE_AT_MOST = 0.5
+NEW_AFTER_AT_LEAST = 0.8
+OLD_AFTER_AT_LEAST = 0.6
 
 
 def test_demo_teaches_the_nano_model_purple(tmp_path, capsys):
@@ -33,9 +33,9 @@ def test_demo_teaches_the_nano_model_purple(tmp_path, capsys):
 
 
 # the edit and layered families: shorter runs (150 LoRA steps, 8 judged generations); bounds from seeded runs with
-# these settings (measured: layered diamonds 0% -> 94%, old shapes 94%; edit-2511 "make it large" 0% -> 38%, old
-# edits 38%); see docs/nano.md
-STORY_BOUNDS = {"layered": (0.2, 0.75, 0.6), "edit-2511": (0.2, 0.25, 0.25)}
+# these settings (measured: layered diamonds 0% -> 94%, old shapes 94%; edit-2511 "make it large" 0% -> 62%, old
+# edits 75%); see docs/nano.md
+STORY_BOUNDS = {"layered": (0.2, 0.75, 0.6), "edit-2511": (0.2, 0.4, 0.4)}
 
 
 @pytest.mark.parametrize("version", list(STORY_BOUNDS))

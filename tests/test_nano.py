@@ -111,3 +111,16 @@ def test_quick_build_makes_every_file_and_resumes(tmp_path):
     stamps = {f: f.stat().st_mtime_ns for f in files}
     build(tmp_path, Plan.quick())
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
+
+
+def test_shipped_build_info_matches_the_default_plan():
+    """Every shipped file was built with the settings the default plan gives (its parents' steps included), so
+    `python -m musubi_tuner.nano build` reproduces what ships."""
+    import json
+
+    from musubi_tuner.nano.build import STAGES, Plan, stage_settings
+    from musubi_tuner.nano.models import WEIGHTS
+
+    info = json.loads((WEIGHTS / "build_info.json").read_text())
+    assert set(info["settings"]) == set(STAGES)
+    assert all(info["settings"][s] == stage_settings(s, Plan()) for s in STAGES)

@@ -53,7 +53,7 @@ class Plan:
     timestep_sampling: tuple = ("shift", "--discrete_flow_shift", "2.2")
 
     def __post_init__(self):
-        self.steps = self.steps or {"original": 3000, "edit-2509": 4000, "edit-2511": 1500, "layered": 3000}
+        self.steps = self.steps or {"original": 9000, "edit-2509": 5500, "edit-2511": 1500, "layered": 3000}
 
     @classmethod
     def quick(cls) -> "Plan":

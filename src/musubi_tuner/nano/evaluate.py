@@ -115,7 +115,7 @@ def score_edits(gen: NanoGenerator, kinds: tuple[str, ...], n_per_kind: int, see
     """Per kind: the fraction of edits whose target attribute is right and whose other attributes are kept."""
     parts, total, count = {}, 0, 0
     for kind in kinds:
-        rng = random.Random(seed + hash(kind) % 1000)
+        rng = random.Random(f"{seed}-{kind}")  # str seeds are hashed the same in every process (hash() is not)
         right = 0
         for i in range(n_per_kind):
             sources, instruction, target = random_edit(rng, kind)
