@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 
 from ..errors import UserError
-from .model_files import ADDITIONAL_T_KEY, expect, strip_dit_prefix
+from .model_files import ADDITIONAL_T_KEY, dit_blocks, expect, strip_dit_prefix
 from .versions import ModelVersion
 from .weights import load_tensors
 
@@ -36,7 +36,7 @@ def default_axes_dims_rope(head_dim: int) -> tuple[int, int, int]:
 
 def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """Everything QwenImageTransformer2DModel needs that the tensor shapes determine."""
-    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+    blocks = dit_blocks(shapes)
     inner, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
     patch_out = shapes["proj_out.weight"][0]

@@ -49,6 +49,11 @@ def strip_dit_prefix(key: str) -> str | None:
     return None if key == ZERO_COND_MARKER else key
 
 
+def dit_blocks(shapes) -> set[int]:
+    """The transformer block indices of DiT keys (prefix already stripped)."""
+    return {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+
+
 def is_wan_vae_layout(keys) -> bool:
     """ComfyUI / original Wan files name the quant convs conv1 / conv2 and use encoder.downsamples.*."""
     return "conv1.bias" in keys or any(k.startswith("encoder.downsamples.") for k in keys)
@@ -132,7 +137,7 @@ def expect(path: str | os.PathLike, option: str, kind: str, version: ModelVersio
     info = inspect_file(path, option, SUBFOLDER.get(kind))
     first = info.files[0]
     if num_layers is not None and info.kind == kind == "dit":
-        blocks = {int(k.split(".")[1]) for k in info.dit_shapes if k.startswith("transformer_blocks.")}
+        blocks = dit_blocks(info.dit_shapes)
         if len(blocks) != num_layers:
             raise UserError(f"--num_layers {num_layers}: {first} has {len(blocks)} blocks; leave --num_layers out "
                             "(the block count is read from the file)")

@@ -26,7 +26,7 @@ from accelerate import init_empty_weights
 from PIL import Image
 
 from ..errors import UserError
-from .model_files import COMFY_DIT_PREFIX, expect
+from .model_files import COMFY_DIT_PREFIX, dit_blocks, expect
 from .weights import load_tensors
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def split_gate_up(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
 def infer_dit_config(shapes: dict[str, tuple[int, ...]], file_config: dict | None = None) -> dict:
     """QwenImage21Transformer2DModel's config from tensor shapes (diffusers or ComfyUI names); a config.json beside
     the weights supplies what shapes cannot show (rope axes, causal_condition)."""
-    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+    blocks = dit_blocks(shapes)
     inner, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
     mlp = shapes.get("transformer_blocks.0.img_mlp.proj.weight")
