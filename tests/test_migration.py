@@ -523,6 +523,9 @@ def test_musubi_tracker_options(tmp_path, data, capsys):
     bad = tmp_path / "bad.toml"
     cases = [(["--log_tracker_config", str(bad)], "must be a table")]
     bad.write_text('entity = "me"\n')
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[wandb\n")
+    cases.append((["--log_tracker_config", str(broken)], "invalid TOML"))
     if importlib.util.find_spec("wandb") is None:
         cases.append((["--log_with", "wandb", "--wandb_api_key", "k"], "wandb package is not installed"))
     cases.append((["--wandb_api_key", "k"], "needs --log_with wandb"))

@@ -354,18 +354,14 @@ def apply_dynamo_options(args: argparse.Namespace) -> argparse.Namespace:
 def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     """Option values from a musubi-tuner style TOML config, checked against the parser's options."""
     import logging
-    import tomllib
     from pathlib import Path
 
-    from .fileio import read_text
+    from .fileio import parse_toml, read_text
 
     p = Path(path if path.endswith(".toml") else path + ".toml")
     if not p.is_file():
         raise UserError(f"--config_file: {p} not found")
-    try:
-        data = tomllib.loads(read_text(p, "--config_file"))
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"--config_file {p}: invalid TOML ({e})") from None
+    data = parse_toml(read_text(p, "--config_file"), f"--config_file {p}")
     flat: dict = {}
     for key, value in data.items():  # tables are flattened into one namespace
         if isinstance(value, dict):

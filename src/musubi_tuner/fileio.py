@@ -140,6 +140,18 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
         raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
+def parse_toml(text: str, where: str) -> dict:
+    """TOML text -> dict; invalid TOML is one error line starting with `where` (the option and the file)."""
+    import tomllib
+
+    from .errors import UserError
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: invalid TOML ({e})") from None
+
+
 def check_writable_folder(path: str | os.PathLike, option: str) -> None:
     """Fail now, not after hours of work, when `path` cannot become a folder we can write into. Nothing is created:
     a probe file is made (and removed) in the nearest folder that exists."""

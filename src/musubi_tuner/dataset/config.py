@@ -28,12 +28,11 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import read_text
+from ..fileio import parse_toml, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +136,7 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
         if not isinstance(data, dict):
             raise UserError(f"{p}: the JSON config must be an object with general / datasets")
     else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{p}: invalid TOML ({e})") from None
+        data = parse_toml(text, str(p))
     unknown = set(data) - {"general", "datasets"}
     if unknown:
         raise UserError(f"{p}: unknown top-level table(s) {sorted(unknown)}; use [general] and [[datasets]]")

@@ -67,15 +67,10 @@ def tracker_init_kwargs(args) -> dict:
     """accelerate's init_kwargs: --log_tracker_config's tables (as musubi-tuner: the file replaces the defaults), else
     the wandb run name."""
     if args.log_tracker_config:
-        import tomllib
-
-        from ..fileio import read_text
+        from ..fileio import parse_toml, read_text
 
         where = f"--log_tracker_config {args.log_tracker_config}"
-        try:
-            data = tomllib.loads(read_text(args.log_tracker_config, "--log_tracker_config"))
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{where}: invalid TOML ({e})") from None
+        data = parse_toml(read_text(args.log_tracker_config, "--log_tracker_config"), where)
         bad = [k for k, v in data.items() if not isinstance(v, dict)]
         if bad:
             raise UserError(f"{where}: {bad[0]} must be a table of one tracker's options, e.g. [wandb] entity = \"me\"")
