@@ -487,7 +487,7 @@ def test_caching_num_workers_and_debug_mode(tmp_path, capsys):
 
 # musubi-tuner options beyond the user guide (its shared parsers) ------------------------------------------------------
 
-def test_musubi_dynamo_options_become_compile_options(tmp_path, capsys):
+def test_musubi_dynamo_options_become_compile_options(tmp_path, data, capsys):
     """musubi-tuner's --dynamo_* (accelerate's dynamo plugin) select the same torch.compile settings as --compile_*;
     the default NO compiles nothing; an unknown backend is one error line naming --dynamo_backend."""
     from musubi_tuner import cli_options as opts
@@ -505,7 +505,7 @@ def test_musubi_dynamo_options_become_compile_options(tmp_path, capsys):
     a = opts.parse_args(build_parser(), ["--config_file", str(cfg)])
     assert (a.compile, a.img_in_txt_in_offloading, a.guidance_scale) == (False, False, 1.0)
     with pytest.raises(SystemExit):
-        train_main(["--dynamo_backend", "NOPE"])
+        run(data, tmp_path / "x", "--dynamo_backend", "NOPE")
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and "--dynamo_backend NOPE" in err[0] and "INDUCTOR" in err[0]
 

@@ -336,11 +336,6 @@ def apply_dynamo_options(args: argparse.Namespace) -> argparse.Namespace:
         return args
     import logging
 
-    import torch
-
-    if backend.lower() not in torch._dynamo.list_backends(exclude_tags=()):
-        raise UserError(f"--dynamo_backend {backend}: not a torch.compile backend here; choose from "
-                        f"{', '.join(b.upper() for b in torch._dynamo.list_backends(exclude_tags=()))} or NO")
     args.compile, args.compile_backend = True, backend.lower()
     args.compile_mode = args.dynamo_mode or args.compile_mode
     args.compile_fullgraph = args.compile_fullgraph or args.dynamo_fullgraph

@@ -84,6 +84,9 @@ def check_compile(args) -> None:
         return
     backends = torch._dynamo.list_backends(exclude_tags=())
     if args.compile_backend not in backends:
+        if getattr(args, "dynamo_backend", "NO") != "NO":  # musubi-tuner's name for the same setting
+            raise UserError(f"--dynamo_backend {args.dynamo_backend}: not a torch.compile backend here; choose from "
+                            f"{', '.join(b.upper() for b in backends)} or NO")
         raise UserError(f"--compile_backend {args.compile_backend!r} is not a torch.compile backend here; "
                         f"choose from {', '.join(backends)}")
     if args.compile_mode == "reduce-overhead" and getattr(args, "blocks_to_swap", 0):
