@@ -89,7 +89,7 @@ class Uploader:
             self._api = api
             return api
 
-    def upload(self, path: Path, state: bool = False, wait: bool = False) -> None:
+    def upload(self, path: Path, state: bool = False) -> None:
         """A checkpoint file, or a state folder (with --save_state_to_huggingface), under the same name."""
         if not self.enabled or (state and not self.args.save_state_to_huggingface):
             return
@@ -110,7 +110,7 @@ class Uploader:
                 logger.error("upload of %s to %s failed (%s: %s); the file is kept in %s", path.name,
                              a.huggingface_repo_id, type(e).__name__, e, path.parent)
 
-        if a.async_upload and not wait:
+        if a.async_upload:
             t = threading.Thread(target=run, name=f"upload {path.name}")
             t.start()
             self.threads.append(t)

@@ -92,12 +92,12 @@ def plan_v21_samples(args, specs: list[GenerationSpec], cfg: DatasetConfig) -> l
     return jobs
 
 
-
 def vae_dtype(args, device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """--vae_dtype, else the training dtype on a GPU and float32 on the CPU."""
     if getattr(args, "vae_dtype", None):
         return DTYPE_NAMES[args.vae_dtype]
     return torch.float32 if device.type == "cpu" else dtype
+
 
 class TrainingSampler:
     """Prompts (and control images) are encoded once before training and the text encoder is released; images go
