@@ -596,6 +596,9 @@ def test_musubi_latent_caching_options(tmp_path, monkeypatch, capsys, caplog):
     cache_latents_main(common + ["--vae_tiling", "--disable_cudnn_backend", "--vae_chunk_size", "32",
                                  "--console_width", "100"])
     assert not torch.backends.cudnn.enabled
+    from musubi_tuner.qwen_image_cache_latents import build_parser
+
+    assert build_parser().parse_args(common + ["--vae_tiling"]).vae_enable_tiling
     assert "--vae_chunk_size has no effect" in caplog.text and "--console_width has no effect" in caplog.text
     after = {f.name: load_file(str(f)) for f in cache.glob("*_qi.safetensors")}
     assert before.keys() == after.keys() and all(torch.allclose(before[n][k], after[n][k], atol=1e-5)
