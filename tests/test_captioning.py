@@ -2,6 +2,8 @@
 QwenImageLayeredPipeline does (prompt=None), in both languages; prompt-file lines without text; training samples
 caption once."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -108,14 +110,14 @@ def test_single_file_without_generation_config_decodes_greedily_as_qwen(tmp_path
 def test_prompt_file_line_without_text(tmp_path, layered_models, recorded_generations, memory):
     picture(tmp_path / "a.png", (64, 64), (30, 30, 200, 255), rgba=True)
     lines = tmp_path / "prompts.txt"
-    lines.write_text(f"--ci {tmp_path / 'a.png'} --f 2 --s 2 --d 3 --l 1\nwith text --ci {tmp_path / 'a.png'} --f 2 "
+    lines.write_text(f"--ci {tmp_path / 'a.png'} --s 2 --d 3 --l 1\nwith text --ci {tmp_path / 'a.png'} "
                      f"--s 2 --d 3 --l 1\n")
     from musubi_tuner.qwen_image_generate_image import main as generate_main
 
     saved = generate_main(["--dit", str(layered_models["dit"]), "--vae", str(layered_models["vae"]), "--text_encoder",
                            str(layered_models["text_encoder"]), "--model_version", "layered", "--save_path",
                            str(tmp_path / "out"), "--device", "cpu", "--from_file", str(lines),
-                           "--automatic_prompt_lang_for_layered", "en", *memory])
+                           "--automatic_prompt_lang_for_layered", "en", "--output_layers", "2", *memory])
     assert len(recorded_generations) == 1  # only the line without text is captioned
     prompts = sorted(Image.open(p).text["prompt"] for p in saved if p.stem.endswith("composite"))
     assert len(prompts) == 2 and "with text" in prompts and all(prompts)
@@ -147,8 +149,8 @@ def test_layered_training_samples_caption_once(tmp_path, monkeypatch):
     real = generate.caption_image
     monkeypatch.setattr(generate, "caption_image", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
     ctrl = sorted((tmp_path / "data").glob("*.png"))[0]
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"--ci {ctrl} --f 2 --s 2 --d 5\n")
+    prompts = tmp_path / "prompts.json"  # an entry without a prompt (a text line starting with --ci is prompt text)
+    prompts.write_text(json.dumps([{"control_image_path": str(ctrl), "frame_count": 2, "sample_steps": 2, "seed": 5}]))
     args = train_args(models, toml, tmp_path / "out", "layered", "--max_train_steps", "2", "--sample_prompts",
                       str(prompts), "--sample_every_n_steps", "1", "--sample_at_first",
                       "--automatic_prompt_lang_for_layered", "en")
@@ -165,7 +167,7 @@ def test_interactive_lines_without_text(tmp_path, layered_models, monkeypatch, c
     from musubi_tuner.qwen_image_generate_image import main as generate_main
 
     picture(tmp_path / "a.png", (64, 64), (30, 30, 200, 255), rgba=True)
-    line = f"--ci {tmp_path / 'a.png'} --f 2 --s 2 --d 3 --l 1"
+    line = f"--ci {tmp_path / 'a.png'} --s 2 --d 3 --l 1"
     from conftest import console_input
 
     for te, expect_saved in (("comfy_text_encoder", 0), ("text_encoder", 3)):
@@ -173,7 +175,7 @@ def test_interactive_lines_without_text(tmp_path, layered_models, monkeypatch, c
         saved = generate_main(["--dit", str(layered_models["dit"]), "--vae", str(layered_models["vae"]),
                                "--text_encoder", str(layered_models[te]), "--model_version", "layered", "--interactive",
                                "--automatic_prompt_lang_for_layered", "en", "--device", "cpu", "--save_path",
-                               str(tmp_path / te)])
+                               str(tmp_path / te), "--output_layers", "2"])
         out = capsys.readouterr().out
         assert len(saved) == expect_saved
         if expect_saved:

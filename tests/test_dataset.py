@@ -143,3 +143,59 @@ def test_example_configs_parse(tmp_path):
         text = text.replace("/path/to/edit.jsonl", str(tmp_path / "edit.jsonl"))
         cfgs = load_dataset_config(write_toml(tmp_path, text))
         assert cfgs and all(c.resolution[0] % 16 == 0 for c in cfgs)
+
+
+def _musubi_bucket(size, resolution, no_upscale=False, step=16):
+    """musubi-tuner's BucketSelector (dataset/bucket.py), written out from its code: widths from
+    floor16(sqrt(A) // 2) to sqrt(A) in steps of 16 with h = floor16(A // w), plus transposes, sorted; the first
+    bucket of least |w/h - aspect|; no_upscale keeps a small image's size rounded down to 16."""
+    import math
+
+    area = resolution[0] * resolution[1]
+    if no_upscale and size[0] * size[1] <= area:
+        return size[0] - size[0] % step, size[1] - size[1] % step
+    side = int(math.sqrt(area))
+    buckets = set()
+    for w in range(side // 2 - (side // 2) % step, side + step, step):
+        h = (area // w) - (area // w) % step
+        buckets |= {(w, h), (h, w)}
+    buckets = sorted(buckets)
+    errors = [abs(w / h - size[0] / size[1]) for w, h in buckets]
+    return buckets[errors.index(min(errors))]
+
+
+def test_buckets_equal_musubi_tuners_over_a_grid():
+    sizes = [(w, h) for w in range(64, 2400, 97) for h in range(64, 2400, 89)] + [(777, 333), (500, 400), (4000, 1000)]
+    for resolution in ((1024, 1024), (960, 544), (256, 256), (1328, 1328), (512, 768)):
+        for size in sizes:
+            for no_upscale in (False, True):
+                want = _musubi_bucket(size, resolution, no_upscale)
+                assert select_bucket(size, resolution, no_upscale=no_upscale) == want, (size, resolution, no_upscale)
+    # the cases the migration report found (musubi's answer on the right)
+    assert select_bucket((500, 400), (960, 544)) == (816, 640)
+    assert select_bucket((777, 333), (256, 256)) == (400, 160)
+
+
+def test_images_musubi_groups_together_share_a_bucket_and_a_batch_shape():
+    """100x100 and 184x140 at 64x64 are one bucket in musubi-tuner (so its loader stacks their caches): here too."""
+    assert select_bucket((100, 100), (64, 64)) == select_bucket((184, 140), (64, 64)) == _musubi_bucket((100, 100),
+                                                                                                       (64, 64))
+
+
+def test_resize_is_musubis_cover_round_half_up_and_area_downscale():
+    """Scale to cover (sides int(x * s + 0.5)), Lanczos up / OpenCV INTER_AREA down, centre crop."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 255, (333, 777, 3), dtype=np.uint8)
+    out = np.asarray(resize_crop(Image.fromarray(arr), (400, 160)))
+    scale = max(400 / 777, 160 / 333)
+    nw, nh = int(777 * scale + 0.5), int(333 * scale + 0.5)
+    ref = cv2.resize(arr, (nw, nh), interpolation=cv2.INTER_AREA)
+    left, top = (nw - 400) // 2, (nh - 160) // 2
+    assert np.array_equal(out, ref[top:top + 160, left:left + 400])
+    small = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    up = np.asarray(resize_crop(Image.fromarray(small), (64, 64)))
+    s = max(64 / 50, 64 / 40)
+    ref = np.asarray(Image.fromarray(small).resize((int(50 * s + 0.5), int(40 * s + 0.5)), Image.LANCZOS))
+    assert np.array_equal(up, ref[:, (ref.shape[1] - 64) // 2:(ref.shape[1] - 64) // 2 + 64])

@@ -64,6 +64,8 @@ def test_documented_options_exist():
     accelerate = {"--num_cpu_threads_per_process", "--multi_gpu", "--num_processes", "--num_machines",
                   "--dynamo_backend", "--cpu", "--config_file", "--mixed_precision"}
     other_tools = {"--i", "--cn", "--g"}  # other models' prompt switches, named as ignored
+    bench = Path(__file__).parents[1] / "bench"  # the benchmark scripts' own options
+    known |= {o for f in bench.glob("*.py") for o in re.findall(r'add_argument\("(--[a-z][a-z0-9_]*)"', f.read_text())}
     for page in PAGES:
         for option in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", page.read_text())):
             if option.endswith("_"):  # a family such as --metadata_*

@@ -114,12 +114,13 @@ def test_config_file_values_tables_and_command_line_precedence(tmp_path, data, c
     cfg.write_text(f'dit = "{models["dit"]}"\nvae = "{models["vae"]}"\ntext_encoder = "{models["text_encoder"]}"\n'
                    f'[training]\ndataset_config = "{toml}"\noutput_dir = "{tmp_path / "o"}"\noutput_name = "fromfile"\n'
                    'max_train_steps = 3\nlearning_rate = 0.01\nnetwork_dim = 8\n'
-                   'optimizer_args = ["weight_decay=0.0"]\ngradient_checkpointing = true\nnot_an_option = 1\n'
+                   'optimizer_args = ["weight_decay=0.0"]\ngradient_checkpointing = true\nfp8_t5 = true\n'
                    '[other]\ndevice = "cpu"\nmax_data_loader_n_workers = 0\n')
     r = train_main(["--config_file", str(tmp_path / "settings"), "--max_train_steps", "2"])  # .toml appended
     assert r["steps"] == 2 and r["final"].name == "fromfile.safetensors"
     assert load_file(str(r["final"]))[next(k for k in load_file(str(r["final"])) if "lora_down" in k)].shape[0] == 8
-    assert "ignoring unknown option(s) not_an_option" in caplog.text
+    # a key of musubi-tuner's other architectures (WAN's fp8_t5) is ignored with a warning; a typo is an error
+    assert "ignoring musubi-tuner option(s) for other model architectures: fp8_t5" in caplog.text
     cfg.write_text('network_dim = "eight"\n')
     with pytest.raises(SystemExit):
         train_main(["--config_file", str(cfg)])
@@ -128,15 +129,18 @@ def test_config_file_values_tables_and_command_line_precedence(tmp_path, data, c
 # prompt files ------------------------------------------------------------------------------------------------------
 
 def test_prompt_line_switches_as_musubi(tmp_path, caplog):
+    """musubi-tuner's generation parser (qwen_image_generate_image.parse_prompt_line): case-sensitive switches,
+    unknown ones ignored, --rcm_rel_th on only for 1/true/yes (bare: off), no --f."""
     mask = tmp_path / "m.png"
     Image.new("L", (16, 16)).save(mask)
     f = tmp_path / "p.txt"
-    f.write_text(f"a cat --rcm_th 0.3 --rcm_rel_th 1 --W 64 --H 32 --m {mask} --i other.png --cn x\n"
-                 "a dog --rcm_th 0.05 --rcm_rel_th\na cow --rcm_th 0.05 --rcm_rel_th no --g 6 --l 2.5\n")
+    f.write_text(f"a cat --rcm_th 0.3 --rcm_rel_th 1 --w 64 --h 32 --W 128 --H 128 --m {mask} --i other.png --cn x\n"
+                 "a dog --rcm_th 0.05 --rcm_rel_th\na cow --rcm_th 0.05 --rcm_rel_th no --g 6 --l 2.5 --f 3\n")
     a, b, c = read_prompt_file(f, GenerationSpec(prompt=""))
     assert (a.rcm_threshold, a.rcm_relative, a.width, a.height, a.mask_path) == (0.3, True, 64, 32, str(mask))
-    assert b.rcm_relative and not c.rcm_relative and c.guidance_scale == 2.5
+    assert not b.rcm_relative and not c.rcm_relative and c.guidance_scale == 2.5 and c.output_layers is None
     assert "--i is not an option" in caplog.text and "--cn is not an option" in caplog.text
+    assert "--W is not an option" in caplog.text and "--f is not read from generation" in caplog.text
     # in sample prompts of training, --g is other models' embedded guidance: ignored, --l is CFG (musubi-tuner)
     caplog.clear()
     g_only = tmp_path / "g.txt"
@@ -144,6 +148,26 @@ def test_prompt_line_switches_as_musubi(tmp_path, caplog):
     assert read_prompt_file(g_only, GenerationSpec(prompt="", guidance_scale=4.0), training=True)[0].guidance_scale == 4.0
     assert read_prompt_file(g_only, GenerationSpec(prompt="", guidance_scale=4.0))[0].guidance_scale == 6.0
     assert "--g (embedded guidance" in caplog.text
+
+
+def test_sample_prompt_lines_as_musubi(tmp_path, caplog):
+    """musubi-tuner's training-sample parser (training/sampling_prompts.line_to_prompt_dict): case-insensitive,
+    --s clamped to 1000, no mask or RCM, a line starting with --ci is prompt text, a bare --n sets nothing."""
+    mask = tmp_path / "m.png"
+    Image.new("L", (16, 16)).save(mask)
+    f = tmp_path / "p.txt"
+    f.write_text(f"a cat --W 64 --H 32 --S 5000 --m {mask} --rcm_th 0.3 --F 3\n"
+                 "--ci photo.png --w 64\nneg --n --d 3\n")
+    a, b, c = read_prompt_file(f, GenerationSpec(prompt="", negative_prompt=None), training=True)
+    assert (a.width, a.height, a.steps, a.mask_path, a.rcm_threshold, a.output_layers) == (64, 32, 1000, None, None, 3)
+    assert "clamped to 1000" in caplog.text and "--m is not read from sample prompts" in caplog.text
+    assert (b.prompt, b.control_images, b.width) == ("--ci photo.png", [], 64)
+    assert (c.prompt, c.negative_prompt, c.seed) == ("neg", None, 3)
+    # in generation a line that starts with a switch keeps the --prompt text (musubi-tuner: prompt None)
+    g = tmp_path / "g.txt"
+    g.write_text("--d 5 --w 32\n")
+    d, = read_prompt_file(g, GenerationSpec(prompt="from the command line"))
+    assert (d.prompt, d.seed, d.width) == ("from the command line", 5, 32)
 
 
 def test_toml_and_json_prompt_files(tmp_path):
@@ -483,6 +507,11 @@ def test_caching_num_workers_and_debug_mode(tmp_path, capsys):
     text = capsys.readouterr().out
     assert r["shown"] == 3 and "bucket 64x64" in text and "controls" in text
     assert len(r["written"]) == 9 and all(p.parent == cache / "debug" for p in r["written"])
+    # video: musubi-tuner saves each image item as <cache path>.jpg (its save_video on an image)
+    r = cache_latents_main(["--dataset_config", str(toml), "--model_version", "edit-2509", "--debug_mode", "video"])
+    caches = sorted(p for p in cache.glob("*_qi*.safetensors") if not p.name.endswith("_te.safetensors"))
+    assert sorted(r["written"]) == sorted(p.with_suffix(".jpg") for p in caches) and len(caches) == 3
+    assert Image.open(r["written"][0]).size == (64, 64)
 
 
 # musubi-tuner options beyond the user guide (its shared parsers) ------------------------------------------------------
@@ -681,3 +710,98 @@ def test_huggingface_upload_and_resume(tmp_path, data, monkeypatch, capsys, capl
             run(data, tmp_path / "d", *extra)
         err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
         assert len(err) == 1 and words in err[0], err
+
+
+def _phi(x: float) -> float:
+    import math
+
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _logit(p: float) -> float:
+    import math
+
+    return math.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("method", ["flux_shift", "flux2_shift", "krea2_shift", "qwen_shift", "ideogram4_shift",
+                                    "qinglong_flux"])
+def test_musubi_timestep_modes_follow_their_formulas(method):
+    """Each of musubi-tuner's timestep modes: the empirical CDF of 200k draws against the CDF of its formula (written
+    here from musubi-tuner's trainer: mu lines on the packed token count N, shift exp(mu), the qinglong shares)."""
+    import math
+
+    from musubi_tuner.training.timesteps import sample_t
+
+    n_tokens, scale = 1024, 1.3  # a 512x512 image: latent 64x64, 1024 packed tokens
+    lines = {"flux_shift": (n_tokens, 256, 0.5, 4096, 1.15), "flux2_shift": (4 * n_tokens, 256, 0.5, 4096, 1.15),
+             "krea2_shift": (n_tokens, 256, 0.5, 6400, 1.15), "qwen_shift": (n_tokens, 256, 0.5, 8192, 0.9),
+             "qinglong_flux": (n_tokens, 256, 0.5, 4096, 1.15)}
+
+    def shifted_cdf(e: float, key: str) -> float:
+        x, x1, y1, x2, y2 = lines[key]
+        k = math.exp(y1 + (y2 - y1) / (x2 - x1) * (x - x1))
+        base = e / (k - (k - 1) * e)  # the inverse of t -> k t / (1 + (k - 1) t)
+        return _phi(_logit(base) / scale)
+
+    def logsnr_cdf(e: float, mean: float, std: float) -> float:
+        return 1 - _phi((-2 * _logit(e) - mean) / std)
+
+    def cdf(e: float) -> float:
+        if method == "ideogram4_shift":
+            return _phi((_logit(e) - 0.5 * math.log(1024 * n_tokens / 512 ** 2)) / 1.5)
+        if method == "qinglong_flux":
+            return 0.79 * shifted_cdf(e, method) + 0.11 * logsnr_cdf(e, -0.4, 1.2) + 0.10 * logsnr_cdf(e, 5.36, 1.0)
+        return shifted_cdf(e, method)
+
+    t = sample_t(method, 200_000, torch.Generator().manual_seed(0), sigmoid_scale=scale, logit_mean=-0.4,
+                 logit_std=1.2, image_seq_len=n_tokens)
+    assert t.min() >= 0 and t.max() <= 1
+    for edge in (0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 0.97):
+        assert abs(float((t < edge).float().mean()) - cdf(edge)) < 4e-3, (method, edge)
+
+
+def test_every_musubi_timestep_mode_is_accepted():
+    from musubi_tuner.qwen_image_train_network import build_parser
+
+    action = next(a for a in build_parser()._actions if a.dest == "timestep_sampling")
+    musubi = {"sigma", "uniform", "sigmoid", "shift", "flux_shift", "flux2_shift", "ideogram4_shift", "qwen_shift",
+              "krea2_shift", "logsnr", "qinglong_flux", "qinglong_qwen"}  # musubi-tuner's parser_common choices
+    assert musubi <= set(action.choices)
+
+
+def test_network_args_metadata_training_without_vae_and_full_finetune_network_options(tmp_path, data, caplog):
+    """musubi-tuner: ss_network_args is json.dumps of each `key=value` split at '=' with the value as given; training
+    without sample prompts needs no --vae / --text_encoder; its full-finetune parser accepts the network options."""
+    models, toml = data
+    argv = train_args(models, toml, tmp_path / "o", "original", "--max_train_steps", "1", "--network_args",
+                      "rank_dropout=0.10", "exclude_patterns=['.*img_mod.*']", "verbose=True")
+    argv = [a for a in argv if a not in ("--vae", str(models["vae"]), "--text_encoder", str(models["text_encoder"]))]
+    r = train_main(argv)
+    with safe_open(str(r["final"]), "pt") as f:
+        md = f.metadata()
+    assert md["ss_network_args"] == json.dumps({"rank_dropout": "0.10", "exclude_patterns": "['.*img_mod.*']",
+                                                "verbose": "True"})
+    assert "ss_vae_name" not in md
+    with pytest.raises(SystemExit):
+        train_main(argv + ["--sample_prompts", str(tmp_path / "p.txt"), "--output_name", "b"])
+    caplog.clear()
+    full = full_main(train_args(models, toml, tmp_path / "full", "original", "--max_train_steps", "1",
+                                "--optimizer_type", "adafactor", "--network_module", "networks.lora_qwen_image",
+                                "--network_dim", "8", "--network_alpha", "4", "--network_dropout", "0.1",
+                                "--network_args", "a=1", "--dim_from_weights"))
+    assert full["steps"] == 1
+    assert "--network_dim has no effect here" in caplog.text and "--dim_from_weights has no effect here" in caplog.text
+
+
+def test_generation_list_options_take_zero_values(tmp_path, data):
+    """musubi-tuner's generation parser takes --lora_weight, --lora_multiplier, --control_image_path and
+    --latent_path with nargs='*': given empty, they change nothing."""
+    models, _ = data
+    common = ["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--text_encoder", str(models["text_encoder"]),
+              "--prompt", "x", "--image_size", "64", "64", "--infer_steps", "2", "--seed", "1", "--device", "cpu",
+              "--output_type", "latent"]
+    plain = generate_main(common + ["--save_path", str(tmp_path / "a")])
+    empty = generate_main(common + ["--save_path", str(tmp_path / "b"), "--lora_weight", "--lora_multiplier",
+                                    "--control_image_path", "--latent_path"])
+    assert torch.equal(load_file(str(plain[0]))["latent"], load_file(str(empty[0]))["latent"])

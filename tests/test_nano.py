@@ -82,6 +82,24 @@ def test_shipped_files_are_complete_small_and_load_through_the_normal_loaders():
         assert vae.config.input_channels == v.vae_channels
 
 
+def test_shipped_vae_folders_load_in_diffusers_with_their_own_statistics():
+    """diffusers' own loader reads the trained latent statistics of config.json (a `_use_default_values` entry
+    naming them made from_pretrained silently use the 20B model's instead)."""
+    import json
+
+    from diffusers import AutoencoderKLQwenImage
+
+    from musubi_tuner.nano.models import WEIGHTS
+
+    for name in ("vae", "vae_layered"):
+        written = json.loads((WEIGHTS / name / "config.json").read_text())
+        assert "_use_default_values" not in written
+        vae = AutoencoderKLQwenImage.from_pretrained(str(WEIGHTS / name))
+        assert list(vae.config.latents_mean) == written["latents_mean"]
+        assert list(vae.config.latents_std) == written["latents_std"]
+        assert list(vae.config.latents_mean) != list(AutoencoderKLQwenImage().config.latents_mean)
+
+
 # scores of the shipped files (build_info.json) and the bounds these few seeds must reach
 SHIPPED_BOUNDS = {"original": 0.6, "layered": 0.7, "edit-2509": 0.5, "edit-2511": 0.5}
 
@@ -109,6 +127,7 @@ def test_quick_build_makes_every_file_and_resumes(tmp_path):
     files += [tmp_path / "vae" / "config.json", tmp_path / "vae_layered" / "config.json",
               tmp_path / "text_encoder" / "nano_qwen_2.5_vl.safetensors"]
     stamps = {f: f.stat().st_mtime_ns for f in files}
+    assert "_use_default_values" not in (tmp_path / "vae" / "config.json").read_text()
     build(tmp_path, Plan.quick())
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
 

@@ -535,3 +535,355 @@ def test_bad_lora_files_are_one_line(tmp_path, capsys, data):
     msg = error_line(capsys, convert_main, ["--input", str(state_file), "--output", str(tmp_path / "x.safetensors"),
                                             "--target", "kohya"])
     assert "training state folder" in msg and "--resume" in msg
+
+
+# Third pass ======================================================================================================
+
+# 1. links in a shared output folder -------------------------------------------------------------------------------
+
+def test_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path, capsys, monkeypatch, data):
+    out = tmp_path / "o"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".lora.lock").symlink_to(victim)
+    no_model_loads(monkeypatch)
+    msg = error_line(capsys, train_main, lora_args(data, out, steps=1))
+    assert "run lock" in msg and "symbolic link" in msg and "rm " in msg
+    assert victim.read_text() == "precious" and (out / ".lora.lock").is_symlink()
+
+
+def test_loss_log_replaced_by_a_link_is_not_written_through(tmp_path):
+    from musubi_tuner.training.outputs import LossLog
+
+    log = LossLog(tmp_path / "l.csv", ["step", "loss"])
+    log.start(None)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "l.csv").unlink()
+    (tmp_path / "l.csv").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        log.append({"step": 1, "loss": 0.5})
+    assert victim.read_text() == "precious"
+
+
+def test_state_folder_that_is_a_link_is_replaced_not_followed(tmp_path):
+    from musubi_tuner.training.checkpoints import replace_folder
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    (tmp_path / "lora-state").symlink_to(target)
+    new = tmp_path / "new"
+    new.mkdir()
+    replace_folder(new, tmp_path / "lora-state")
+    assert (target / "keep.txt").read_text() == "x" and (tmp_path / "lora-state").is_dir()
+    assert not (tmp_path / "lora-state").is_symlink()
+
+
+# 2. no silent black images -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "1e30", "-1000"])
+def test_lora_multiplier_is_range_checked_before_loading(tmp_path, capsys, monkeypatch, tiny_models, value):
+    no_model_loads(monkeypatch)
+    msg = error_line(capsys, generate_main, gen_args(tiny_models, tmp_path / "o", "--lora_multiplier", value))
+    assert "--lora_multiplier" in msg and ("finite" in msg or "between -100 and 100" in msg), msg
+
+
+def test_huge_finite_lora_gives_an_error_not_a_black_image(tmp_path, capsys, tiny_models):
+    from musubi_tuner.networks.lora_files import LoraWeights
+
+    model = tiny.tiny_dit()
+    loras = {}
+    for name, mod in model.named_modules():
+        if name.startswith("transformer_blocks.") and isinstance(mod, torch.nn.Linear):
+            loras[name] = LoraWeights(torch.full((4, mod.in_features), 1e9), torch.full((mod.out_features, 4), 1e9),
+                                      4.0)
+    path = write_single(to_kohya(loras), tmp_path / "huge.safetensors")
+    out = tmp_path / "o"
+    msg = error_line(capsys, generate_main, gen_args(tiny_models, out, "--lora_weight", str(path)))
+    assert "denoised latents" in msg and "--lora_multiplier" in msg and "0 of 1" in msg, msg
+    assert not list(out.glob("*.png"))
+
+
+def test_latent_check_catches_nan_and_absurd_values():
+    from musubi_tuner.qwen_image.generate import check_latents
+
+    check_latents(torch.randn(16, 1, 8, 8) * 5, "ok")
+    for bad, words in ((torch.full((16, 1, 8, 8), float("nan")), "not finite"),
+                       (torch.full((16, 1, 8, 8), 1e18), "absurdly large")):
+        with pytest.raises(UserError, match=words):
+            check_latents(bad, "x")
+
+
+# 3. resolutions that hang or cannot fit --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["1000000", "[1024, 0]", "16"])
+def test_absurd_resolution_is_refused_at_once(tmp_path, value):
+    from musubi_tuner.dataset.config import load_dataset_config
+
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[[datasets]]\nresolution = {value}\nimage_directory = "{tmp_path}"\n')
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="between 32 and 8192 pixels per side"):
+        load_dataset_config(toml)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_resolution_too_large_for_this_machine_is_refused_with_the_estimate(tmp_path, capsys, monkeypatch,
+                                                                            tiny_models):
+    from musubi_tuner.qwen_image_cache_latents import main as cache_latents
+
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.new("RGB", (4096, 4096), "red").save(img / "a.png")
+    (img / "a.txt").write_text("red")
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 4096\nimage_directory = "{img}"\ncache_directory = "{tmp_path / "c"}"\n')
+    monkeypatch.setattr("musubi_tuner.memory.budget.free_bytes", lambda device: 8 * 10**9)
+    monkeypatch.setattr("musubi_tuner.qwen_image.vae.load_vae", lambda *a, **k: pytest.fail("the VAE loaded"))
+    msg = error_line(capsys, cache_latents, ["--dataset_config", str(toml), "--vae", str(tiny_models["vae"]),
+                                             "--device", "cpu"])
+    assert "4096x4096" in msg and "GB" in msg and "8.0 GB are free" in msg and "--vae_enable_tiling" in msg, msg
+
+
+# 4. exactly one error line, saves reported truthfully --------------------------------------------------------------
+
+def _fail_when(monkeypatch, target: str, err: OSError, when=lambda *a, **k: True):
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    mod = importlib.import_module(module)
+    real = getattr(mod, name)
+
+    def fake(*a, **k):
+        if when(*a, **k):
+            raise err
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, name, fake)
+
+
+def test_lock_release_in_a_folder_that_became_read_only_is_quiet(tmp_path, capsys, monkeypatch, data):
+    out = tmp_path / "o"
+    real_unlink = Path.unlink
+
+    def unlink(self, *a, **k):
+        if self.name == ".lora.lock":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    train_main(lora_args(data, out, steps=1))
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_disk_full_at_a_periodic_save_is_one_line_naming_the_save(tmp_path, capsys, monkeypatch, data):
+    import errno
+
+    out = tmp_path / "o"
+    _fail_when(monkeypatch, "musubi_tuner.training.trainer.save_state",
+               OSError(errno.ENOSPC, "No space left on device", str(out / "x")))
+    msg = error_line(capsys, train_main, lora_args(data, out, "--save_every_n_steps", "2", "--save_state"), code=1)
+    assert "saving lora-step00000002-state (after step 2) failed" in msg and "the disk is full" in msg, msg
+    # the interrupted weights were written, the state could not be: the line says exactly that
+    assert "weights after step 2 are saved" in msg and "but not the state" in msg, msg
+    assert (out / "lora-interrupted.safetensors").is_file() and not (out / "lora-interrupted-state").exists()
+    assert "nothing was saved" not in msg
+
+
+def test_file_size_limit_in_a_real_process_is_one_line(tmp_path, data):
+    """ulimit -f: writes fail with EFBIG (Python ignores SIGXFSZ); the final save fails; one error line, no traceback,
+    and what was saved is said truthfully."""
+    import resource
+
+    models, toml = data
+    out = tmp_path / "o"
+    out.mkdir()
+    argv = lora_args(data, out, steps=2)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))  # logs fit, a 114 KB LoRA does not
+
+    p = subprocess.run([sys.executable, "-m", "musubi_tuner.qwen_image_train_network", *argv], capture_output=True,
+                       text=True, preexec_fn=limit, timeout=300, env={**os.environ, "PYTHONPATH": str(SRC.parent)})
+    err = p.stderr
+    assert p.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "file size limit" in lines[0] and "saving lora.safetensors (after step 2) failed" in lines[0], lines[0]
+    saved = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if "saved " + str(out / "lora-interrupted.safetensors") in err:
+        assert "lora-interrupted.safetensors" in saved
+    assert ("nothing was saved" in lines[0]) == ("lora-interrupted.safetensors" not in saved)
+
+
+# 5. damaged state folders ------------------------------------------------------------------------------------------
+
+def test_damaged_state_fields_are_one_line(tmp_path, capsys, data):
+    import shutil
+
+    out = tmp_path / "o"
+    train_main(lora_args(data, out, "--save_state_on_train_end", steps=1))
+    good = out / "lora-state"
+
+    def damaged(name, fix):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        fix(d)
+        return d
+
+    def edit_json(**changes):
+        def fix(d):
+            meta = json.loads((d / "train_state.json").read_text())
+            meta.update(changes)
+            (d / "train_state.json").write_text(json.dumps(meta))
+        return fix
+
+    cases = [
+        (damaged("norng", lambda d: save_file({"x": torch.zeros(3, dtype=torch.uint8)}, str(d / "rng.safetensors"))),
+         ["rng.safetensors", "'cpu'"]),
+        (damaged("sched5", edit_json(scheduler=5)), ["train_state.json", "scheduler 5"]),
+        (damaged("negstep", edit_json(global_step=-3)), ["train_state.json", "global_step -3", ">= 0"]),
+        (damaged("strstep", edit_json(epoch="2")), ["epoch '2'"]),
+        (damaged("schedkind", edit_json(scheduler={"last_epoch": "x"})), ["scheduler.last_epoch", "expected a number"]),
+    ]
+    for state, words in cases:
+        msg = error_line(capsys, train_main, lora_args(data, tmp_path / "r", "--resume", str(state), steps=3))
+        assert all(w in msg for w in words) and "another state folder" in msg, msg
+
+
+def test_optimizer_file_with_objects_is_refused_without_torchs_unsafe_hint(tmp_path, capsys, data):
+    import shutil
+
+    out = tmp_path / "o"
+    train_main(lora_args(data, out, "--save_state_on_train_end", steps=1))
+    state = tmp_path / "s"
+    shutil.copytree(out / "lora-state", state)
+    torch.save({"state": {}, "param_groups": [], "x": Path("/")}, state / "optimizer.pt")
+    msg = error_line(capsys, train_main, lora_args(data, tmp_path / "r", "--resume", str(state), steps=3))
+    assert "refused" in msg and "could run code" in msg and "weights_only" not in msg, msg
+
+
+def test_resume_mismatch_names_the_whole_setting(tmp_path, capsys, data):
+    from musubi_tuner.qwen_image_train import main as full_main
+
+    out = tmp_path / "o"
+    train_main(lora_args(data, out, "--save_state_on_train_end", steps=1))
+    models, toml = data
+    argv = train_args(models, toml, tmp_path / "r", "original", "--max_train_steps", "3", "--resume",
+                      str(out / "lora-state"))
+    msg = error_line(capsys, full_main, argv)
+    assert "resume with the same training script" in msg, msg
+
+
+# 6. checks before any model loads ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,words", [
+    (["--network_dropout", "2"], ["--network_dropout 2.0", "[0, 1)"]),
+    (["--network_alpha", "nan"], ["--network_alpha nan", "finite"]),
+    (["--network_alpha", "-1"], ["--network_alpha -1.0", ">= 0"]),
+    (["--sigmoid_scale", "nan"], ["--sigmoid_scale nan", "finite"]),
+    (["--sigmoid_scale", "0"], ["--sigmoid_scale 0.0", "> 0"]),
+    (["--discrete_flow_shift", "inf"], ["--discrete_flow_shift inf", "finite"]),
+    (["--network_module", "os"], ["--network_module os", "not a network module"]),
+    (["--network_module", "no_such_module_xyz"], ["--network_module no_such_module_xyz", "not found"]),
+    (["--network_args", "rank_dropout=1.5"], ["rank_dropout=1.5", "[0, 1)"]),
+    (["--network_args", "exclude_patterns=[broken"], ["exclude_patterns", "list of patterns"]),
+    (["--network_args", "exclude_patterns=['(']"], ["exclude_patterns", "invalid regex"]),
+    (["--network_module", "networks.lokr", "--network_args", "factor=0"], ["factor=0", ">= 1"]),
+])
+def test_network_and_sampler_options_are_checked_before_loading(tmp_path, capsys, monkeypatch, data, extra, words):
+    no_model_loads(monkeypatch)
+    monkeypatch.setattr("musubi_tuner.training.trainer.prepare_output", lambda *a: pytest.fail("the run started"))
+    msg = error_line(capsys, train_main, lora_args(data, tmp_path / "o", *extra))
+    assert all(w in msg for w in words), msg
+
+
+def test_config_file_typo_is_an_error_and_other_architectures_keys_a_warning(tmp_path, capsys, monkeypatch, data,
+                                                                             caplog):
+    from musubi_tuner.musubi_options import MUSUBI_OPTIONS
+    from musubi_tuner.qwen_image_train_network import build_parser
+
+    no_model_loads(monkeypatch)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("network_dimm = 8\n")
+    msg = error_line(capsys, train_main, lora_args(data, tmp_path / "o", "--config_file", str(cfg)))
+    assert "network_dimm" in msg and "did you mean network_dim?" in msg, msg
+    ours = {a.dest for a in build_parser()._actions}
+    other = sorted(MUSUBI_OPTIONS - ours)
+    assert "fp8_t5" in other or other  # keys of musubi-tuner's other architectures exist
+    cfg.write_text(f"{other[0]} = 1\nsave_every_n_epochs = 7\n")
+    from musubi_tuner import cli_options as opts
+
+    import logging
+    with caplog.at_level(logging.WARNING):
+        args = opts.parse_args(build_parser(), lora_args(data, tmp_path / "o", "--config_file", str(cfg)))
+    assert args.save_every_n_epochs == 7 and other[0] in caplog.text and "other model architectures" in caplog.text
+
+
+# 7. generation keeps what it finished -----------------------------------------------------------------------------
+
+def test_interrupted_prompt_file_keeps_every_finished_image(tmp_path, capsys, monkeypatch, tiny_models):
+    from musubi_tuner.qwen_image import generate as G
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i} --d {i}\n" for i in range(5)))
+    real, calls = G.generate_job, []
+
+    def stop_at_third(model, job, index, *a, **k):
+        calls.append(index)
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(model, job, index, *a, **k)
+
+    monkeypatch.setattr(G, "generate_job", stop_at_third)
+    out = tmp_path / "o"
+    argv = [a for a in gen_args(tiny_models, out, "--from_file", str(prompts)) if a not in ("--prompt", "x")]
+    with pytest.raises(SystemExit) as e:
+        generate_main(argv)
+    assert e.value.code == 130
+    assert len(list(out.glob("*.png"))) == 2
+    assert "interrupted: 2 of 5 generations finished and saved" in capsys.readouterr().err
+
+
+def test_sigterm_to_a_generation_process_keeps_the_finished_images(tmp_path, tiny_models):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i} --d {i}\n" for i in range(400)))
+    out = tmp_path / "o"
+    argv = [a for a in gen_args(tiny_models, out, "--from_file", str(prompts)) if a not in ("--prompt", "x")]
+    p = subprocess.Popen([sys.executable, "-m", "musubi_tuner.qwen_image_generate_image", *argv],
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC.parent)})
+    deadline = time.time() + 240
+    while not list(out.glob("*.png")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143, err
+    n = len(list(out.glob("*.png")))
+    assert 1 <= n < 400 and f"interrupted: {n} of 400 generations finished and saved" in err, err
+    assert not list(out.glob(".*.tmp")) and "Traceback" not in err
+
+
+# 8. wording -------------------------------------------------------------------------------------------------------
+
+def test_flow_shift_inf_names_the_option(tmp_path, capsys, monkeypatch, tiny_models):
+    no_model_loads(monkeypatch)
+    msg = error_line(capsys, generate_main, gen_args(tiny_models, tmp_path / "o", "--flow_shift", "inf"))
+    assert msg.startswith("error: --flow_shift inf"), msg
+
+
+def test_stale_cache_error_reads_as_a_sentence(tmp_path, capsys, data):
+    models, toml = data
+    root = toml.parent
+    work = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns("models"))
+    text = toml.read_text().replace(str(root), str(work))
+    (work / "dataset.toml").write_text(text)
+    caption = next((work / "data").glob("*.txt"))
+    caption.write_text("a changed caption")
+    argv = train_args(models, work / "dataset.toml", tmp_path / "o", "original", "--max_train_steps", "1")
+    msg = error_line(capsys, train_main, argv)
+    assert "is out of date (" in msg and "run qwen_image_cache_text_encoder_outputs.py" in msg, msg

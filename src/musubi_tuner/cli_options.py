@@ -325,7 +325,21 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if getattr(args, "config_file", None):
         values = read_config_file(args.config_file, parser)
         args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    check_finite(parser, args)
     return apply_dynamo_options(args)
+
+
+def check_finite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """No number option of any script takes nan or inf (they pass every `x > 0` test and poison a run late)."""
+    import math
+
+    for a in parser._actions:
+        if a.type is not float or not a.option_strings:
+            continue
+        value = getattr(args, a.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{a.option_strings[0]} {v}: give a finite number")
 
 
 def apply_dynamo_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -348,7 +362,6 @@ def apply_dynamo_options(args: argparse.Namespace) -> argparse.Namespace:
 
 def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     """Option values from a musubi-tuner style TOML config, checked against the parser's options."""
-    import logging
     from pathlib import Path
 
     from .fileio import parse_toml, read_text
@@ -365,8 +378,7 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
             flat[key] = value
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     unknown = sorted(k for k in flat if k not in actions)
-    if unknown:
-        logging.getLogger(__name__).warning("--config_file %s: ignoring unknown option(s) %s", p, ", ".join(unknown))
+    check_unknown_keys(unknown, actions, p)
     out = {}
     for key, value in flat.items():
         action = actions.get(key)
@@ -374,6 +386,24 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
             continue
         out[key] = _config_value(action, value, f"--config_file {p}: {key}")
     return out
+
+
+def check_unknown_keys(unknown: list[str], actions: dict, path) -> None:
+    """Keys this script lacks: musubi-tuner options of other architectures are ignored with a warning (one config is
+    often shared between models); anything else is a typo that would silently train with a default: an error."""
+    import difflib
+    import logging
+
+    from .musubi_options import MUSUBI_OPTIONS
+
+    typos = [k for k in unknown if k not in MUSUBI_OPTIONS]
+    if typos:
+        near = difflib.get_close_matches(typos[0], list(actions), n=1)
+        hint = f"did you mean {near[0]}?" if near else "see --help for the options"
+        raise UserError(f"--config_file {path}: {typos[0]} is not an option of this script or of musubi-tuner; {hint}")
+    if unknown:
+        logging.getLogger(__name__).warning("--config_file %s: ignoring musubi-tuner option(s) for other model "
+                                            "architectures: %s", path, ", ".join(unknown))
 
 
 def _config_value(action: argparse.Action, value, where: str):

@@ -9,8 +9,11 @@ under the user's umask), not the 0600 / 0700 of mkstemp / mkdtemp.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -51,6 +54,25 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def open_no_follow(path: str | os.PathLike, flags: int, what: str, mode: int = 0o666) -> int:
+    """os.open that never follows a link and never blocks on a FIFO: a symbolic link (anyone who can write in a
+    shared folder could point one at a file of ours) or anything but a regular file at `path` is one clear error."""
+    from .errors import UserError
+
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise UserError(f"{what} {path} is a symbolic link, which this tool never writes through; remove it "
+                            f"(rm '{path}') and run again") from None
+        raise UserError(f"cannot open {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{what} {path} is not a regular file; remove it and run again")
+    return fd
+
+
 def temp_folder(final: str | os.PathLike) -> Path:
     """An empty temporary folder beside `final` (to be renamed onto it once complete)."""
     final = Path(final)
@@ -60,9 +82,23 @@ def temp_folder(final: str | os.PathLike) -> Path:
     return tmp
 
 
+def remove_path(p: str | os.PathLike) -> None:
+    """Remove a file, a link (never what it points to) or a folder tree; nothing there is fine."""
+    import shutil
+
+    p = Path(p)
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors reports write failures as SafetensorError("... Os { code: 28 ...")
+            code = re.search(r"(?:code: |os error )(\d+)", str(e))
+            if code is None or isinstance(e, OSError):
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     return Path(path)
 
 

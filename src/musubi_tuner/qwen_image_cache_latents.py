@@ -17,15 +17,16 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_model_args(p, dit=False, text_encoder=False)
     opts.add_vae_args(p)
     opts.add_latent_cache_compat_args(p)
-    p.add_argument("--debug_mode", choices=["image", "console"], default=None, help="show the prepared dataset "
-                   "instead of caching it: console prints bucket and sizes per item, image writes the prepared "
-                   "pictures to <cache_directory>/debug/")
+    p.add_argument("--debug_mode", choices=["image", "console", "video"], default=None, help="show the prepared "
+                   "dataset instead of caching it: console prints bucket and sizes per item, image writes the "
+                   "prepared pictures to <cache_directory>/debug/, video (musubi-tuner's name) writes each prepared "
+                   "image as <cache name>.jpg beside where its cache goes")
     return p
 
 
 @cli_main
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = opts.parse_args(build_parser(), argv)
     opts.require(args, "dataset_config", *(() if args.debug_mode else ("vae",)))
     from musubi_tuner.dataset.caching import cache_latents
 

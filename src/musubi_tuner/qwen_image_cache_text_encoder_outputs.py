@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = opts.parse_args(build_parser(), argv)
     opts.require(args, "dataset_config", "text_encoder")
     from musubi_tuner.dataset.caching import cache_text_encoder_outputs
 

@@ -42,14 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save_path", default=None, help="folder for the images / latents (required unless "
                    "--save_merged_model)")
     o.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
-    o.add_argument("--latent_path", nargs="+", help="decode these saved latent files only (no DiT / text encoder)")
+    o.add_argument("--latent_path", nargs="*", help="decode these saved latent files only (no DiT / text encoder)")
     o.add_argument("--no_metadata", action="store_true", help="write images and latent files without the prompt, "
                    "seed and settings in their metadata")
     o.add_argument("--bell", action="store_true", help="ring the terminal bell when done (interactive: after each "
                    "image)")
     lo = p.add_argument_group("LoRA")
-    lo.add_argument("--lora_weight", nargs="+", help="LoRA files to merge (kohya or diffusers lora_A/B format)")
-    lo.add_argument("--lora_multiplier", type=float, nargs="+", help="one multiplier, or one per LoRA (default 1.0)")
+    lo.add_argument("--lora_weight", nargs="*", help="LoRA files to merge (kohya or diffusers lora_A/B format)")
+    lo.add_argument("--lora_multiplier", type=float, nargs="*", help="one multiplier, or one per LoRA (default 1.0)")
     lo.add_argument("--lycoris", action=opts.Inert, why="LoHa and LoKr files are read and merged without the "
                     "LyCORIS library")
     lo.add_argument("--include_patterns", nargs="*", default=None,
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_vae_args(p)
     opts.add_memory_args(p)
     e = p.add_argument_group("edit / layered / inpainting")
-    e.add_argument("--control_image_path", nargs="+", help="control image(s) for edit (2509/2511: several, of any "
+    e.add_argument("--control_image_path", nargs="*", help="control image(s) for edit (2509/2511: several, of any "
                    "size); the image to decompose for layered; 2.1: condition images")
     e.add_argument("--output_resolution", type=int, default=1024, help="2.1: the side of the square output and the "
                    "area (side^2) that condition images and an output without --image_size are resized to")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = opts.parse_args(build_parser(), argv)
     version = opts.version_from_args(args)
     from musubi_tuner.qwen_image.generate import run
 

@@ -23,6 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fsdp", action="store_true", help="shard the model, gradients and optimizer state over the "
                    "processes (FSDP FULL_SHARD, one unit per transformer block); saves full weights from rank 0 and "
                    "sharded resumable states")
+    n = p.add_argument_group("musubi-tuner network options (accepted by its full-finetune parser, no effect there)")
+    why = "full finetuning trains the DiT itself, not a network"
+    n.add_argument("--network_module", type=str, action=opts.Inert, why=why)
+    n.add_argument("--network_dim", type=int, action=opts.Inert, why=why)
+    n.add_argument("--network_alpha", type=float, action=opts.Inert, why=why)
+    n.add_argument("--network_dropout", type=float, action=opts.Inert, why=why)
+    n.add_argument("--network_args", nargs="*", action=opts.Inert, why=why)
+    n.add_argument("--network_weights", type=str, action=opts.Inert, why=why)
+    n.add_argument("--dim_from_weights", action=opts.Inert, why=why)
     return p
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..fileio import check_writable_folder, save_safetensors
+from ..memory.budget import check_vae_encode_fits
 from ..qwen_image.generate import compute_setup
 from ..qwen_image.model_files import expect
 from ..qwen_image.versions import ModelVersion
@@ -31,6 +32,7 @@ from .items import ImageItem, collect_items
 from .prepare import prepare_item, target_bucket
 
 logger = logging.getLogger(__name__)
+CACHE_TEXT_DTYPE = torch.bfloat16  # as musubi-tuner writes text-encoder outputs (half the disk of float32)
 
 
 def check_cache_folders(items: list[ImageItem]) -> None:
@@ -115,6 +117,13 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
 
     vae = None
     device, dtype = compute_setup(args.device)
+    if batches:  # the largest encode (one batch of one bucket, every frame) must fit this machine
+        def images(batch) -> int:
+            return len(batch) * len(batch[0][0].targets)
+
+        largest = max(batches, key=lambda b: buckets[id(b[0][0])][0] * buckets[id(b[0][0])][1] * images(b))
+        w, h = buckets[id(largest[0][0])]
+        check_vae_encode_fits(w, h, images(largest), dtype, device, largest[0][0].config.where, args.vae_enable_tiling)
     workers = getattr(args, "num_workers", None) or 1
     with tqdm(total=len(todo), desc="caching latents", unit="item") as bar:
         for batch in batches:
@@ -171,7 +180,7 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
                 images = [p.control_images for _, p in _prepared(batch, version, workers, with_targets=False)]
             embeds = encode_prompts(te, processor, [it.caption for it, _, _ in batch], version.template, device, images)
             for (item, path, meta), e in zip(batch, embeds):
-                e = e.cpu().contiguous()
+                e = e.to("cpu", CACHE_TEXT_DTYPE).contiguous()
                 save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e}, path,
                                  text_file_metadata(item, version, meta))
                 bar.update(1)
@@ -203,7 +212,7 @@ def _cache_v21_text(args, version: ModelVersion, items, produced, todo, skipped,
                 images = [p.control_images for _, p in _prepared(batch, version, workers, with_targets=False)][0]
             encoded = v21.encode_prompts(te, processor, [it.caption for it, _, _ in batch], images, device)
             for (item, path, meta), (e, slots) in zip(batch, encoded):
-                e = e.cpu().contiguous()
+                e = e.to("cpu", CACHE_TEXT_DTYPE).contiguous()
                 save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e, IMAGE_SLOTS_KEY: slots.cpu().to(torch.uint8)},
                                  path, text_file_metadata(item, version, meta))
                 bar.update(1)

@@ -63,6 +63,7 @@ class DatasetConfig:
         return f"{self.source}: [[datasets]] #{self.index + 1}"
 
 
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 8192  # 32: two 16-pixel steps, the least that buckets need
 _TYPES = {
     "resolution": "resolution", "control_resolution": "resolution", "caption_extension": str, "batch_size": int,
     "num_repeats": int, "enable_bucket": bool, "bucket_no_upscale": bool, "image_directory": str,
@@ -84,11 +85,15 @@ _VIDEO_KEYS = {"video_directory", "video_jsonl_file"}
 def _check_value(key: str, value, where: str):
     kind = _TYPES[key]
     if kind == "resolution":
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return (value, value)
-        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
-            return (value[0], value[1])
-        raise UserError(f"{where}: {key} must be an int or [width, height] of positive ints, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if not (isinstance(value, list) and len(value) == 2 and
+                all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise UserError(f"{where}: {key} must be an int or [width, height] of ints, got {value!r}")
+        if not all(MIN_RESOLUTION <= v <= MAX_RESOLUTION for v in value):
+            raise UserError(f"{where}: {key} {value} must be between {MIN_RESOLUTION} and {MAX_RESOLUTION} pixels per "
+                            "side (Qwen-Image trains at 512 to 1664; e.g. resolution = [1024, 1024])")
+        return (value[0], value[1])
     if kind == "fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise UserError(f"{where}: {key} must be a number in [0, 1), got {value!r}")

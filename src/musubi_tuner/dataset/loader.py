@@ -59,8 +59,9 @@ def check_caches(items: list[ImageItem], version: ModelVersion, vae: str | None 
                 raise UserError(f"{what} cache {path} (not written by this tool) does not fit {it.targets[0]}: "
                                 f"{status.reason}; delete it, then run {script} with --model_version {version.name}")
             if not status.usable:
-                raise UserError(f"{what} cache {path} for {it.targets[0]} is {status.reason or 'missing'}; run "
-                                f"{script} with --model_version {version.name} first")
+                state = f"out of date ({status.reason})" if status.reason else "missing"
+                raise UserError(f"{what} cache {path} for {it.targets[0]} is {state}; run {script} with "
+                                f"--model_version {version.name} first")
             foreign += status.state == "foreign"
         out.append(CachedItem(lat, txt, cache_shapes(lat), it.config.index, it.config.batch_size, it.config.num_repeats))
     if foreign:

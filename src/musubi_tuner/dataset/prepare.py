@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..qwen_image.versions import ModelVersion
-from .buckets import crop_to_multiple, resize_crop, select_bucket, to_tensor
+from .buckets import area_bucket, crop_to_multiple, resize_crop, select_bucket, to_tensor
 from .config import DatasetConfig
 from .items import ImageItem, load_image
 
@@ -41,14 +41,16 @@ def control_mode(item: ImageItem) -> str:
 
 
 def prepare_control(img: Image.Image, cfg: DatasetConfig, bucket: tuple[int, int], step: int = 16) -> Image.Image:
-    """no_resize_control: native size cropped to multiples of 16 (with control_resolution too: as long as the image
-    is not larger than that area, else like control_resolution alone, as musubi-tuner does); control_resolution: the
-    control's own bucket at that area; otherwise the target's transform (pixel-aligned when sizes match)."""
+    """As musubi-tuner: no_resize_control keeps the native size cut down to multiples of 16 (with control_resolution,
+    an image larger than that area goes to its own bucket at that area instead); control_resolution alone: the
+    control's own bucket at that area (area_bucket); otherwise the target's transform (pixel-aligned when sizes
+    match). One difference: musubi-tuner leaves a control within control_resolution at a size that is not a multiple
+    of 16, which its VAE step cannot take; here it is cut down to multiples of 16."""
     area = cfg.control_resolution[0] * cfg.control_resolution[1] if cfg.control_resolution else None
     if cfg.no_resize_control and (area is None or img.size[0] * img.size[1] <= area):
         return crop_to_multiple(img, step)
     if cfg.control_resolution:
-        return resize_crop(img, select_bucket(img.size, cfg.control_resolution, True, cfg.bucket_no_upscale, step))
+        return resize_crop(img, area_bucket(img.size, cfg.control_resolution, step))
     return resize_crop(img, bucket)
 
 

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..fileio import atomic_path, save_safetensors, temp_folder
 from ..qwen_image.versions import VERSIONS
 from . import evaluate as ev
-from .models import IMAGE_SIZE, nano_dit, nano_vae, write_text_encoder
+from .models import IMAGE_SIZE, nano_dit, nano_vae, stamp_recommended, write_text_encoder
 from .vae_training import evaluate_vae, latent_statistics, train_vae
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ def save_vae(vae, folder: Path, mean: list, std: list) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.to(torch.bfloat16) for k, v in vae.state_dict().items()},
                      folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLQwenImage", **dict(vae.config)},
-                                                   indent=2, default=list))
+    with atomic_path(folder / "config.json") as tmp:  # as save_pretrained writes it (no _use_default_values, which
+        tmp.write_text(vae.to_json_string())          # would make from_pretrained drop the statistics above)
     return folder
 
 
@@ -290,8 +290,7 @@ def _build_dit(version: str, paths: dict, shipped: Path, work: Path, plan: Plan,
         save_safetensors(nano_dit(VERSIONS[version], plan.seed).state_dict(), init)
     final = train_dit(init, toml, version, paths, work / f"train_{version}", plan.steps[version], plan,
                       f"nano_qwen_image_{version}")
-    with atomic_path(shipped) as tmp:
-        shutil.copyfile(final, tmp)
+    stamp_recommended(final, shipped)
     return score_version(version, {**paths, "dit": shipped}, plan.eval_samples, heldout).as_dict()
 
 

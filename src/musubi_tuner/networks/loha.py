@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from .lora_files import LohaWeights
-from .lora_qwen_image import LoRANetwork, NetworkModule, make_network, make_network_from_weights
+from .lora_qwen_image import (  # noqa: F401 - check_network_args: this module's --network_args are the LoRA's
+    LoRANetwork, NetworkModule, check_network_args, make_network, make_network_from_weights,
+)
 
 
 class _HadamardDelta(torch.autograd.Function):

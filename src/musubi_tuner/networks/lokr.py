@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .lora_files import LokrWeights
+from ..errors import UserError
 from .lora_qwen_image import LoRANetwork, NetworkModule, make_network, make_network_from_weights
+from .lora_qwen_image import check_network_args as check_lora_args
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,17 @@ def create_network_from_weights(multiplier: float, file: str, vae, text_encoders
                                 weights_sd: dict | None = None, for_inference: bool = False, **kwargs) -> LoRANetwork:
     return make_network_from_weights(LoKrModule, LokrWeights, multiplier, file, unet, weights_sd,
                                      module_kwargs={"factor": int(kwargs.pop("factor", -1))})
+
+
+def check_network_args(kwargs: dict) -> None:
+    check_lora_args(kwargs, extra=("factor",))
+    if "factor" in kwargs:
+        try:
+            factor = int(kwargs["factor"])
+        except ValueError:
+            factor = 0
+        if factor == 0 or factor < -1:
+            raise UserError(f"--network_args factor={kwargs['factor']} must be a whole number >= 1 (or -1: balanced)")
 
 
 create_arch_network = create_network

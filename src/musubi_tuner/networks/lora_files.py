@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,17 @@ SUFFIXES = {
     **{k: ("." + k,) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
                                "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
 }
+
+
+MAX_MULTIPLIER = 100.0  # a multiplier beyond this only makes images black or noise (a typo such as 1e30)
+
+
+def check_multipliers(values: list[float] | None, option: str) -> None:
+    """LoRA multipliers are finite and within +-MAX_MULTIPLIER (negative ones subtract a LoRA, which is legitimate)."""
+    for m in values or []:
+        if not (math.isfinite(m) and abs(m) <= MAX_MULTIPLIER):
+            raise UserError(f"{option} {m} must be a number between -{MAX_MULTIPLIER:g} and {MAX_MULTIPLIER:g} "
+                            "(usually 0.5 to 1.5)")
 
 
 def _alpha_scale(alpha: float | None, dim: int | None) -> float:

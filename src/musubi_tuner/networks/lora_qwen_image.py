@@ -130,7 +130,13 @@ def _patterns(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        value = ast.literal_eval(value) if value.strip().startswith("[") else [value]
+        try:
+            value = ast.literal_eval(value) if value.strip().startswith("[") else [value]
+        except (ValueError, SyntaxError):
+            raise UserError(f"--network_args: {value!r} is not a list of patterns; write e.g. "
+                            "exclude_patterns=['.*img_mod.*']") from None
+        if not isinstance(value, (list, tuple)):
+            value = [value]
     return [str(v) for v in value]
 
 
@@ -259,6 +265,42 @@ class LoRANetwork(nn.Module):
                 up.mul_(ratio ** 0.5)
             norms.append(float(norm) * ratio)
         return scaled, (sum(norms) / len(norms) if norms else 0.0), max(norms, default=0.0)
+
+
+NETWORK_ARGS = ("exclude_patterns", "include_patterns", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "verbose")
+
+
+def check_network_args(kwargs: dict, extra: tuple[str, ...] = ()) -> None:
+    """--network_args of this module, checked before any model loads: value ranges, regexes; a key it does not know
+    is a warning with the nearest known one (kohya modules ignore unknown keys, so musubi-tuner lines still run)."""
+    import difflib
+
+    known = NETWORK_ARGS + extra
+    for key in kwargs:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            logger.warning("--network_args %s is not used by this network%s", key,
+                           f" (did you mean {near[0]}?)" if near else f"; it knows {', '.join(known)}")
+    for key in ("rank_dropout", "module_dropout"):
+        if key in kwargs:
+            v = _number(kwargs, key)
+            if not 0 <= v < 1:
+                raise UserError(f"--network_args {key}={kwargs[key]} must be in [0, 1)")
+    if "loraplus_lr_ratio" in kwargs and not _number(kwargs, "loraplus_lr_ratio") > 0:
+        raise UserError(f"--network_args loraplus_lr_ratio={kwargs['loraplus_lr_ratio']} must be > 0")
+    for key in ("include_patterns", "exclude_patterns"):
+        if key in kwargs:
+            _compile(_patterns(kwargs[key]), key)
+
+
+def _number(kwargs, name) -> float:
+    try:
+        v = float(kwargs[name])
+    except (TypeError, ValueError):
+        raise UserError(f"--network_args {name}={kwargs[name]} must be a number") from None
+    if not math.isfinite(v):
+        raise UserError(f"--network_args {name}={kwargs[name]} must be a finite number")
+    return v
 
 
 def _float(kwargs, name):

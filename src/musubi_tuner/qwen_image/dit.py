@@ -25,6 +25,14 @@ from .weights import load_tensors
 
 logger = logging.getLogger(__name__)
 
+def count(n: int) -> str:
+    """20.43 B, 4.17 M, 950 K: a parameter count for a log line."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
 def default_axes_dims_rope(head_dim: int) -> tuple[int, int, int]:
     """(16, 56, 56) for the real head_dim 128; the same 1/8 : 7/16 : 7/16 split for smaller heads."""
     t = head_dim // 8
@@ -137,9 +145,9 @@ def load_dit(
         model = QwenImageTransformer2DModel(**config)
     stream_weights(model, files, "Qwen-Image DiT", dtype, device, strip_dit_prefix, disable_mmap, fp8_mode,
                    compute_device, loras, option)
-    logger.info("loaded DiT %s: %d blocks, %d heads x %d, %.2f B params, %s",
+    logger.info("loaded DiT %s: %d blocks, %d heads x %d, %s parameters, %s",
                 files[0].name, config["num_layers"], config["num_attention_heads"], config["attention_head_dim"],
-                sum(p.numel() for p in model.parameters()) / 1e9, dtype)
+                count(sum(p.numel() for p in model.parameters())), dtype)
     return model
 
 

@@ -78,7 +78,10 @@ def default_output_hw(version: ModelVersion, first: Image.Image, mode: str) -> t
     return h // 16 * 16, w // 16 * 16
 
 
-def check_controls(version: ModelVersion, n: int, mode: str, where: str = "--control_image_path") -> None:
+def check_controls(version: ModelVersion, n: int, mode: str, where: str = "--control_image_path",
+                   advise: bool = True) -> None:
+    """Control-image counts per version; `advise`: warn when Edit-2511 controls are not at the official size (off
+    when the DiT file recommends its own sizing)."""
     if (version.is_edit or version.is_layered) and n == 0:
         raise UserError(f"{where}: --model_version {version.name} needs a control image")
     if version.template == "edit" and n != 1:
@@ -88,7 +91,7 @@ def check_controls(version: ModelVersion, n: int, mode: str, where: str = "--con
     if version.template == "edit_plus" and n > MAX_OFFICIAL_CONTROLS:
         logger.warning("%d control images: the official maximum is %d; results beyond that are unverified", n,
                        MAX_OFFICIAL_CONTROLS)
-    if version.name == "edit-2511" and mode != "official":
+    if version.name == "edit-2511" and mode != "official" and advise:
         logger.warning("Edit-2511 was trained with control images at about 1M pixels: pass "
                        "--resize_control_to_official_size (the user guide calls it mandatory)")
 

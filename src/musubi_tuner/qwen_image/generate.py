@@ -1,8 +1,9 @@
 """Image generation for every model version: encode prompts (with control images for edit), encode control images
 with the VAE, denoise with the DiT, decode, save.
 
-Models are used one after another (text encoder, then VAE for the controls, then DiT, then VAE) and the text encoder
-and DiT are released after use, so peak memory is about one large model at a time.
+The text encoder runs first and is released before the DiT loads, so peak memory is about one large model at a
+time; the (small) VAE encodes the controls, then stays loaded beside the DiT and decodes each image as soon as it is
+denoised, so an interrupted prompt file keeps every finished image.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..errors import UserError
 from ..fileio import check_writable_folder, save_image, save_safetensors
 from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
+from ..networks.lora_files import check_multipliers
 from . import edit as E
 from . import latents as L
 from .denoise import predict_velocity
@@ -250,14 +252,35 @@ def frame_names(frames: int, composite_first: bool = True) -> list[str]:
     return [f"_layer{k}" for k in range(1, frames + 1)]
 
 
+LATENT_LIMIT = 1e4  # normalised latents are about N(0, 1); beyond this the image can only be black, white or noise
+
+
+def check_latents(lat: torch.Tensor, what: str) -> None:
+    """Denoised latents must be finite and of a sane size before they are decoded: otherwise the image would be
+    silently black (NaN) or saturated noise. One line naming the likely causes."""
+    finite = torch.isfinite(lat)
+    if not bool(finite.all()):
+        problem = "not finite (NaN or inf)"
+    else:
+        peak = float(lat.abs().max())
+        if peak <= LATENT_LIMIT:
+            return
+        problem = f"absurdly large (max |value| {peak:.3g}, normally below 10)"
+    raise UserError(f"{what}: the denoised latents are {problem}, so no image was written for it; likely causes: a "
+                    "--lora_multiplier far too large, a LoRA file with broken (huge) weights, or a guidance scale far "
+                    "too high")
+
+
 def decode_and_save(vae, items: list[tuple[torch.Tensor, Path]], tiling: bool, composite_first: bool = True,
                     metadata: list[dict[str, str]] | None = None) -> list[Path]:
     """Latents (16, F, h, w) -> one PNG, or one RGBA PNG per frame named by what it holds (frame_names); `metadata`
-    (one dict per item, e.g. the prompt and seed) goes into each PNG's text chunks."""
+    (one dict per item, e.g. the prompt and seed) goes into each PNG's text chunks. Latents that are not finite or
+    absurdly large are refused (check_latents) instead of becoming a black image."""
     if tiling:
         vae.enable_tiling()
     saved = []
     for i, (lat, stem) in enumerate(items):
+        check_latents(lat, stem.name)
         lat = lat.unsqueeze(0) if lat.ndim == 4 else lat
         names = frame_names(lat.shape[2], composite_first)
         for f, suffix in enumerate(names):
@@ -356,7 +379,8 @@ def resolve_controls(specs: list[GenerationSpec], args, version: ModelVersion) -
     for s in specs:
         job = Job(s)
         if version.is_edit or version.is_layered:
-            E.check_controls(version, len(s.control_images), mode)
+            E.check_controls(version, len(s.control_images), mode,
+                             advise=not getattr(args, "control_sizing_recommended", False))
             job.controls = E.load_controls(s.control_images, version)
             if s.height is None:
                 if mode == "image":
@@ -399,12 +423,17 @@ def check_models(args, version: ModelVersion, needs_vae: bool) -> None:
         expect(args.vae, "--vae", "vae", version)
     for lw in args.lora_weight or []:
         expect(lw, "--lora_weight", "lora", version)
+    check_multipliers(args.lora_multiplier, "--lora_multiplier")
     if args.lora_weight and len(args.lora_multiplier or [1.0]) not in (1, len(args.lora_weight)):
         raise UserError(f"--lora_multiplier: give one value or one per --lora_weight ({len(args.lora_weight)})")
 
 
 def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
-    """The generation run of --model_version (2.1 has its own); --bell rings when it is done."""
+    """The generation run of --model_version (2.1 has its own); --bell rings when it is done. Options left unset
+    take the settings the DiT file recommends (recommended.py), then the tools' defaults."""
+    from .recommended import apply_to_generation, read
+
+    apply_to_generation(args, read(args.dit))
     if version.is_v21:
         from .generate_v21 import run as run_v21
 
@@ -460,14 +489,45 @@ def run_qwen_image(args: argparse.Namespace, version: ModelVersion) -> list[Path
         vae = load_vae(args.vae, vae_dtype, device, version.vae_channels)
         encode_controls(vae, jobs, version)
 
+    if decode_images:  # loaded before the DiT (it is small) so that each image is written as soon as it is ready
+        vae = vae or load_vae(args.vae, vae_dtype, device, version.vae_channels)
     model, _ = load_dit_with_options(args, version, dtype, device)  # merges --lora_weight as it loads
     set_attention(model, args.attn_mode)
-    results = [generate_job(model, job, i, len(jobs), args, version, device, dtype) for i, job in enumerate(jobs)]
-    del model
-    free_memory()
-    if decode_images:
-        vae = vae or load_vae(args.vae, vae_dtype, device, version.vae_channels)
-    return save_results(results, args, version, vae)
+    return generate_and_save(jobs, lambda i, job: generate_job(model, job, i, len(jobs), args, version, device, dtype),
+                             args, version, vae)
+
+
+def generate_and_save(jobs: list, generate: Callable, args, version: ModelVersion, vae) -> list[Path]:
+    """Generate each job and save its latent / images at once, so that an interrupted prompt file (Ctrl-C, SIGTERM,
+    a time limit, an error in a later prompt) keeps every finished image; one line says how many were saved."""
+    import signal
+    import sys
+    import threading
+
+    saved: list[Path] = []
+    done, signum = 0, [signal.SIGINT]
+
+    def on_sigterm(_signum, _frame):
+        signum[0] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        for i, job in enumerate(jobs):
+            saved += save_results([generate(i, job)], args, version, vae)
+            done += 1
+    except (KeyboardInterrupt, UserError) as e:
+        kept = f"{done} of {len(jobs)} generations finished and saved" + (f" in {args.save_path}" if done else "")
+        if isinstance(e, UserError):
+            raise UserError(f"{e} ({kept})") from None
+        print(f"interrupted: {kept}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum[0]) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return saved
 
 
 def generate_job(model, job: Job, index: int, total: int, args, version: ModelVersion, device, dtype):
@@ -511,6 +571,7 @@ def save_merged_model(args, version: ModelVersion) -> Path:
     info = expect(args.dit, "--dit", "dit", version, num_layers=args.num_layers)
     for lw in args.lora_weight or []:
         expect(lw, "--lora_weight", "lora", version)
+    check_multipliers(args.lora_multiplier, "--lora_multiplier")
     if not args.lora_weight:
         logger.warning("--save_merged_model without --lora_weight writes the DiT unchanged")
     # in the DiT file's own precision (bf16 for the published files)
@@ -535,8 +596,7 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
     the current image only."""
     from .prompts import LINE_NAMES, parse_prompt_line
 
-    defaults = build_specs(argparse.Namespace(**{**vars(args), "prompt": args.prompt or "-", "from_file": None}),
-                           version)[0]
+    defaults = console_defaults(args, version)
     check_models(args, version, True)
     vae_dtype = torch.float32 if device.type == "cpu" else dtype
     session = TextEncoderSession(args, version, device, dtype, keep_on=torch.device("cpu"))
@@ -560,6 +620,15 @@ def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> l
         return save_results([result], args, version, vae)
 
     return console(generate_line, read_line, args.bell)
+
+
+def console_defaults(args, version: ModelVersion) -> GenerationSpec:
+    """The spec that --interactive lines start from: the command line's settings and --prompt (a line that starts
+    with a switch keeps that text; empty: layered captions the image)."""
+    defaults = build_specs(argparse.Namespace(**{**vars(args), "prompt": args.prompt or "-", "from_file": None}),
+                           version)[0]
+    defaults.prompt = args.prompt or ""
+    return defaults
 
 
 def console(generate_line: Callable[[str], list[Path]], read_line=None, bell: bool = False) -> list[Path]:

@@ -20,8 +20,8 @@ from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
 from . import v21
 from .generate import (
-    build_specs, check_models, compute_setup, decode_and_save, free_memory, load_latent_files, negative_of,
-    output_stem, quantize_text_encoder, save_merged_model, save_results,
+    build_specs, check_models, compute_setup, decode_and_save, free_memory, generate_and_save, load_latent_files,
+    negative_of, output_stem, quantize_text_encoder, save_merged_model, save_results,
 )
 from .model_files import expect
 from .prompts import GenerationSpec
@@ -152,28 +152,26 @@ def run(args: argparse.Namespace, version: ModelVersion) -> list[Path]:
 
     model, _ = load_dit_with_options(args, version, dtype, device)  # LoRAs merged, fp8, block swap
     set_attention(model, args.attn_mode, split_masked=False)
-    results = []
-    for i, job in enumerate(jobs):
+
+    def generate(i: int, job: Job21):
         s, t0 = job.spec, time.perf_counter()
         lat = denoise_job(model, job, config, sample_sigmas, not args.no_kv_cache, device, dtype)
         suffix = f"_{Path(s.control_images[0]).stem}" if args.append_original_name and s.control_images else ""
-        results.append((lat[0], output_stem(save_path, s.seed, i, len(jobs), suffix), s))
         logger.info("sample %d/%d: seed %d, %dx%d, %.2fs", i + 1, len(jobs), s.seed, s.width, s.height,
                     time.perf_counter() - t0)
-    del model
-    free_memory()
-    return save_results(results, args, version, vae)
+        return lat[0], output_stem(save_path, s.seed, i, len(jobs), suffix), s
+
+    return generate_and_save(jobs, generate, args, version, vae)
 
 
 def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> list[Path]:
     """--interactive for 2.1: prompt lines (the --from_file syntax, --ci for condition images) generated one by one
     with the models loaded once; the text encoder waits in CPU memory while the DiT runs. Ctrl-D ends; a bad line is
     reported and the next one read."""
-    from .generate import build_specs_from, console
+    from .generate import build_specs_from, console, console_defaults
     from .prompts import LINE_NAMES, check_spec, parse_prompt_line
 
-    defaults = build_specs(argparse.Namespace(**{**vars(args), "prompt": args.prompt or "-", "from_file": None}),
-                           version)[0]
+    defaults = console_defaults(args, version)
     check_models(args, version, True)
     config, sample_sigmas = v21.scheduler_settings(args.dit)
     session = TextEncoder21(args, device, dtype, keep_on=torch.device("cpu"))

@@ -5,9 +5,10 @@ musubi-tuner's syntax:
 
 --w/--h size, --d seed, --s steps, --l guidance (CFG) scale, --g the same in generation (in sample prompts of
 training --g is other models' embedded guidance and is ignored, as musubi-tuner does), --fs flow shift, --n negative
-prompt, --ci control image (repeatable), --f output layers (layered), --m inpainting mask, --rcm_th RCM threshold,
---rcm_rel_th the threshold is relative (a switch: bare, or 1/true/yes), --rcm_ks kernel size, --rcm_ds dilate size.
-Switches are case-insensitive; unknown ones (other models' --i, --cn, ...) are ignored with a warning.
+prompt, --ci control image (repeatable), --f output layers (layered, sample prompts only), --m inpainting mask and
+--rcm_th RCM threshold, --rcm_rel_th relative threshold (1/true/yes), --rcm_ks kernel size, --rcm_ds dilate size
+(generation only). Each of musubi-tuner's two parsers is followed: generation switches are case-sensitive, sample
+prompt switches are not; unknown ones (other models' --i, --cn, ...) are ignored with a warning.
 
 Files: text (one prompt per line, # comments), or musubi-tuner's `.toml` (a [prompt] table of defaults with
 [[prompt.subset]] entries) and `.json` (a list of prompt lines or tables) with its key names (prompt, width, height,
@@ -54,25 +55,29 @@ class GenerationSpec:
         return self.seed
 
 
-def _switch(value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("", "1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
+def _flag(value: str) -> bool:
+    """musubi-tuner's reading of --rcm_rel_th: on for 1/true/yes, off for anything else (a bare switch too)."""
+    return value.strip().lower() in ("1", "true", "yes")
 
 
-_switch.__name__ = "switch (1/true/yes or 0/false/no)"
+_flag.__name__ = "flag (1/true/yes)"
 
-# switch -> (spec field, converter); "embedded" marks training's --g (not CFG for Qwen-Image)
+# switch -> (spec field, converter)
 _LINE_OPTIONS = {
     "w": ("width", int), "h": ("height", int), "d": ("seed", int), "s": ("steps", int),
     "g": ("guidance_scale", float), "l": ("guidance_scale", float), "fs": ("flow_shift", float),
     "n": ("negative_prompt", str), "ci": ("control_images", str), "f": ("output_layers", int),
-    "m": ("mask_path", str), "rcm_th": ("rcm_threshold", float), "rcm_rel_th": ("rcm_relative", _switch),
+    "m": ("mask_path", str), "rcm_th": ("rcm_threshold", float), "rcm_rel_th": ("rcm_relative", _flag),
     "rcm_ks": ("rcm_kernel_size", int), "rcm_ds": ("rcm_dilate_size", int),
 }
+# what each of musubi-tuner's two line parsers does not read (its generation script, its training samples)
+_NOT_IN_GENERATION = {"f": "--f is not read from generation prompt lines (as in musubi-tuner); use --output_layers"}
+_NOT_IN_SAMPLES = {
+    "g": "--g (embedded guidance of other models) is ignored; --l sets the CFG scale",
+    **{k: f"--{k} is not read from sample prompts (as in musubi-tuner): samples use no mask or RCM"
+       for k in ("m", "rcm_th", "rcm_rel_th", "rcm_ks", "rcm_ds")},
+}
+MAX_SAMPLE_STEPS = 1000  # musubi-tuner clamps --s of sample prompts to this
 # musubi-tuner's prompt-table keys (.toml / .json prompt files) -> spec fields
 _TABLE_KEYS = {
     "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "width": ("width", int),
@@ -95,26 +100,41 @@ def _warn_once(seen: set, what: str, where: str) -> None:
 
 def parse_prompt_line(line: str, defaults: GenerationSpec, where: str = "prompt line", training: bool = False,
                       warned: set | None = None, allow_empty: bool = False) -> GenerationSpec:
-    """One prompt line; `allow_empty`: a line of options only (layered: the image is captioned)."""
+    """One prompt line, read as musubi-tuner reads it: in generation (--from_file, --interactive) switches are
+    case-sensitive and a line that starts with a switch keeps the --prompt text; in sample prompts of training
+    (`training`) switches are case-insensitive and a line that starts with `--` is prompt text. `--n` without text sets
+    no negative prompt. `allow_empty`: a line of options only is a prompt too (layered: the image is captioned)."""
     warned = set() if warned is None else warned
-    parts = (" " + line.strip()).split(" --")
-    spec = dataclasses.replace(defaults, prompt=parts[0].strip(), control_images=list(defaults.control_images))
+    text = line.strip()
+    if not training and text.startswith("--"):
+        parts, prompt = (" " + text).split(" --"), defaults.prompt
+    else:
+        parts = text.split(" --")
+        prompt = parts[0].strip()
+    spec = dataclasses.replace(defaults, prompt=prompt, control_images=list(defaults.control_images))
     given_ci = False
     for part in parts[1:]:
         key, _, value = part.partition(" ")
-        key = key.strip().lower()
+        key, value = key.strip(), value.strip()
+        if training:
+            key = key.lower()
         if key not in _LINE_OPTIONS:
             _warn_once(warned, f"--{key} is not an option of Qwen-Image prompt lines and is ignored", where)
             continue
-        if training and key == "g":
-            _warn_once(warned, "--g (embedded guidance of other models) is ignored; --l sets the CFG scale", where)
+        skipped = (_NOT_IN_SAMPLES if training else _NOT_IN_GENERATION).get(key)
+        if skipped:
+            _warn_once(warned, skipped, where)
+            continue
+        if key == "n" and not value:  # musubi-tuner: a bare --n sets nothing
             continue
         attr, conv = _LINE_OPTIONS[key]
-        value = value.strip()
         try:
             v = conv(value)
         except ValueError:
             raise UserError(f"{where}: --{key} needs a {conv.__name__}, got {value!r}") from None
+        if training and key == "s" and v > MAX_SAMPLE_STEPS:
+            _warn_once(warned, f"--s {v} is clamped to {MAX_SAMPLE_STEPS} (as in musubi-tuner)", where)
+            v = MAX_SAMPLE_STEPS
         if attr == "control_images":
             if not given_ci:
                 spec.control_images, given_ci = [], True

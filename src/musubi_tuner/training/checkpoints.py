@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..fileio import save_safetensors, temp_folder
+from ..fileio import remove_path, save_safetensors, temp_folder
 
 STATE_FORMAT = "qwen_image_train_state/1"
 
@@ -47,8 +47,7 @@ def write_state_meta(folder: Path, state: TrainState, scheduler, extra: dict | N
 
 
 def replace_folder(tmp: Path, folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)
+    remove_path(folder)  # a link there is removed, never followed
     os.replace(tmp, folder)
 
 
@@ -59,7 +58,8 @@ def save_state(folder: Path, state: TrainState, trainable: dict[str, torch.Tenso
     tmp = temp_folder(folder)
     try:
         save_safetensors({k: v.detach().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # through a Python file: a full disk is an OSError, not a
+            torch.save(optimizer.state_dict(), f)  # RuntimeError of torch's own writer
         write_state_meta(tmp, state, scheduler, extra, rng)
         replace_folder(tmp, folder)
     except BaseException:
@@ -69,7 +69,8 @@ def save_state(folder: Path, state: TrainState, trainable: dict[str, torch.Tenso
 
 
 def read_state_meta(folder: str | Path) -> dict:
-    """train_state.json of a state folder, checked: one clear error when it is not one of ours."""
+    """train_state.json of a state folder, checked field by field: one clear error naming the file and the field when
+    it is not one of ours or is damaged."""
     folder = Path(folder)
     meta_path = folder / "train_state.json"
     if not folder.is_dir():
@@ -78,12 +79,50 @@ def read_state_meta(folder: str | Path) -> dict:
         raise UserError(f"--resume: {folder} is not a training state folder (no train_state.json)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        int(meta["global_step"]), int(meta["epoch"]), int(meta["batch"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"--resume: {meta_path} is damaged; resume from another state folder") from None
+    except (ValueError, UnicodeDecodeError, OSError):
+        raise UserError(f"--resume: {meta_path} is damaged (not JSON); resume from another state folder") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"--resume: {meta_path} is damaged (not a JSON object); resume from another state folder")
     if meta.get("format") != STATE_FORMAT:
         raise UserError(f"--resume: {folder} was written by another version ({meta.get('format')})")
+
+    def bad(field: str, rule: str) -> UserError:
+        return UserError(f"--resume: {meta_path} is damaged: {field} {meta.get(field)!r} {rule}; resume from another "
+                         "state folder")
+
+    for field in ("global_step", "epoch", "batch"):
+        value = meta.get(field)
+        if type(value) is not int or value < 0:
+            raise bad(field, "must be a whole number >= 0")
+    if not isinstance(meta.get("scheduler"), dict):
+        raise bad("scheduler", "must be the learning-rate scheduler's state (a JSON object)")
+    for field, kind in (("settings", dict), ("sharded", bool)):
+        if field in meta and not isinstance(meta[field], kind):
+            raise bad(field, f"must be a {'JSON object' if kind is dict else 'true or false'}")
     return meta
+
+
+def check_scheduler_state(saved: dict, own: dict, where: Path) -> None:
+    """The saved scheduler state has the fields of this run's scheduler with values of the same kind (a damaged
+    file is one line, not a TypeError deep in torch)."""
+    def kind(v):
+        return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+    for k, v in saved.items():
+        if k in own and own[k] is not None and v is not None and kind(v) != kind(own[k]):
+            raise UserError(f"--resume: {where} is damaged: scheduler.{k} is {v!r}, expected a {kind(own[k])}; resume "
+                            "from another state folder")
+
+
+def check_rng_states(rng: dict[str, torch.Tensor], where: Path) -> None:
+    cpu = rng.get("cpu")
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.ndim != 1 or cpu.numel() != torch.get_rng_state().numel():
+        raise UserError(f"--resume: {where} is damaged (no valid 'cpu' random-number state); resume from another state "
+                        "folder")
+    for k, v in rng.items():
+        if k != "cpu" and (not k.startswith("cuda") or v.dtype != torch.uint8 or v.ndim != 1):
+            raise UserError(f"--resume: {where} is damaged ({k!r} is not a random-number state); resume from another "
+                            "state folder")
 
 
 def check_resume_settings(folder: str | Path, meta: dict, expected: dict) -> None:
@@ -93,7 +132,7 @@ def check_resume_settings(folder: str | Path, meta: dict, expected: dict) -> Non
         saved = meta.get("settings", {}).get(key)
         if saved is not None and saved != value:
             raise UserError(f"--resume: {folder} was saved with {key} {saved!r} but this run has {value!r}; resume with "
-                            f"the same {key.split(' ')[0]}")
+                            f"the same {key}")
 
 
 def load_state(folder: str | Path, optimizer, scheduler, tensors: bool = True
@@ -113,6 +152,10 @@ def load_state(folder: str | Path, optimizer, scheduler, tensors: bool = True
         except UserError:
             raise
         except Exception as e:
+            if "weights only load failed" in str(e).lower():  # torch's hint there (weights_only=False) runs code
+                raise UserError(f"--resume: {path} holds objects other than tensors and plain values, which are "
+                                "refused (loading them could run code); resume from a state folder written by this "
+                                "tool") from None
             raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                             "resume from another state folder") from None
 
@@ -125,8 +168,11 @@ def load_state(folder: str | Path, optimizer, scheduler, tensors: bool = True
             raise UserError(f"--resume: the optimizer state in {folder} does not fit this run's optimizer "
                             f"({str(e).splitlines()[0][:200]}); resume with the --optimizer_type, --optimizer_args "
                             "and network options of the run that saved it") from None
-    scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+    own = scheduler.state_dict()
+    check_scheduler_state(meta["scheduler"], own, folder / "train_state.json")
+    scheduler.load_state_dict({**own, **meta["scheduler"]})
     rng = read("rng.safetensors", lambda p: load_file(str(p)))
+    check_rng_states(rng, folder / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]

@@ -26,7 +26,11 @@ def import_network_module(name: str):
             return importlib.import_module(c)
         except ModuleNotFoundError as e:
             if not c.startswith(e.name or "\0") and e.name not in c:
-                raise
+                raise UserError(f"--network_module {name}: it needs the package {e.name!r}, which is not installed "
+                                f"(pip install {e.name.split('.')[0]})") from None
+        except Exception as e:  # noqa: BLE001 - a broken third-party module is the user's to fix
+            raise UserError(f"--network_module {name}: importing it failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     raise UserError(f"--network_module {name}: module not found (use networks.lora_qwen_image or an installed "
                     "module path such as lycoris.kohya)")
 
@@ -39,6 +43,11 @@ def _call(fn, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if k in sig.parameters})
 
 
+def network_kwargs(args) -> dict[str, str]:
+    """--network_args as the strings kohya network modules receive."""
+    return {k: str(v) for k, v in parse_kv(args.network_args, "--network_args").items()}
+
+
 class LoraMode(Mode):
     name = "lora"
     script = "qwen_image_train_network.py"
@@ -48,8 +57,20 @@ class LoraMode(Mode):
 
         if args.network_dim < 1:
             raise UserError(f"--network_dim {args.network_dim} must be at least 1")
+        if args.network_alpha is not None and args.network_alpha < 0:
+            raise UserError(f"--network_alpha {args.network_alpha} must be >= 0 (0 means the rank: scale 1)")
+        if args.network_dropout is not None and not 0 <= args.network_dropout < 1:
+            raise UserError(f"--network_dropout {args.network_dropout} must be in [0, 1)")
         if args.network_weights:
             expect(args.network_weights, "--network_weights", "lora", version)
+        module = import_network_module(args.network_module)
+        if not (hasattr(module, "create_arch_network") or hasattr(module, "create_network")):
+            raise UserError(f"--network_module {args.network_module} is not a network module (it has no "
+                            "create_network); use networks.lora_qwen_image, networks.loha, networks.lokr or a "
+                            "kohya-style module such as lycoris.kohya")
+        kwargs = network_kwargs(args)
+        if hasattr(module, "check_network_args"):
+            module.check_network_args(kwargs)
 
     def resume_settings(self, args) -> dict:
         return {"--network_module": args.network_module}
@@ -64,7 +85,7 @@ class LoraMode(Mode):
     def setup(self, transformer, args) -> list[dict]:
         transformer.requires_grad_(False)  # --base_weights were merged while the DiT loaded (placement)
         module = import_network_module(args.network_module)
-        net_kwargs = {k: str(v) for k, v in parse_kv(args.network_args, "--network_args").items()}
+        net_kwargs = network_kwargs(args)
         if args.network_weights and hasattr(module, "create_network_from_weights") and args.dim_from_weights:
             self.network = _call(module.create_network_from_weights, multiplier=1.0, file=args.network_weights,
                                  vae=None, text_encoders=None, unet=transformer, text_encoder=None, **net_kwargs)
@@ -94,8 +115,8 @@ class LoraMode(Mode):
             "ss_network_module": args.network_module, "ss_network_dim": str(args.network_dim),
             "ss_network_alpha": str(args.network_alpha), "ss_network_dropout": str(args.network_dropout),
         }
-        if net_kwargs:
-            self.metadata["ss_network_args"] = json.dumps(net_kwargs)
+        if args.network_args:  # as musubi-tuner writes it: each value as given after the '=', no parsing
+            self.metadata["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
         return groups
 
     def after_step(self, args, device) -> dict:

@@ -63,7 +63,7 @@ def training_metadata(args, version: ModelVersion, mode, cached, configs, total_
         "ss_min_timestep": args.min_timestep, "ss_max_timestep": args.max_timestep,
         "ss_remove_first_image_from_target": bool(args.remove_first_image_from_target),
         "ss_datasets": json.dumps(datasets), "ss_num_train_images": len(cached),
-        "ss_sd_model_name": Path(args.dit).name, "ss_vae_name": Path(args.vae).name,
+        "ss_sd_model_name": Path(args.dit).name, **({"ss_vae_name": Path(args.vae).name} if args.vae else {}),
         "ss_training_comment": args.training_comment,
         **getattr(mode, "metadata", {}),
     }

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import TMP_SUFFIX, atomic_path
+from ..fileio import TMP_SUFFIX, atomic_path, open_no_follow, remove_path
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ def _logs(output_dir: Path, output_name: str) -> set[str]:
     return {loss_log_path(output_dir, output_name).name, validation_log_path(output_dir, output_name).name}
 
 
-def _remove(p: Path) -> None:
-    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-
-
 def prune(output_dir: Path, output_name: str, kind: str, keep_from: int, which: str = "both") -> None:
     """Delete epoch (kind='epoch') or step checkpoints of this name numbered below keep_from: weight files, -state
     folders or both (which = weights | states | both)."""
@@ -83,7 +79,7 @@ def prune(output_dir: Path, output_name: str, kind: str, keep_from: int, which: 
         parsed = parse_checkpoint(p.name, output_name)
         if parsed and parsed[0] == kind and parsed[1] < keep_from and \
                 which in ("both", "states" if parsed[2] else "weights"):
-            _remove(p)
+            remove_path(p)
 
 
 def existing_outputs(output_dir: Path, output_name: str) -> list[Path]:
@@ -107,7 +103,7 @@ def remove_leftovers(output_dir: Path, output_name: str) -> int:
             continue
         final = p.name[1:-len(TMP_SUFFIX)].rpartition(".")[0]  # .<final>.<random>.tmp
         if parse_checkpoint(final, output_name) or final in logs:
-            _remove(p)
+            remove_path(p)
             removed += 1
             logger.info("removed %s (left by an interrupted save)", p)
     return removed
@@ -117,7 +113,7 @@ def keep_copy(src: Path, dst: Path) -> None:
     """dst becomes a copy of src (a file or a state folder): hard links where possible (no extra disk), so a later
     run replacing src leaves dst intact."""
     tmp = dst.with_name(f".{dst.name}.keep{TMP_SUFFIX}")
-    _remove(tmp)
+    remove_path(tmp)
 
     def link(a: str, b: str) -> None:
         try:
@@ -129,7 +125,7 @@ def keep_copy(src: Path, dst: Path) -> None:
         shutil.copytree(src, tmp, copy_function=link)
     else:
         link(str(src), str(tmp))
-    _remove(dst)
+    remove_path(dst)
     os.replace(tmp, dst)
 
 
@@ -148,7 +144,7 @@ class RunLock:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, "the run lock", 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -180,10 +176,15 @@ class RunLock:
                 f"({who}); wait for it to finish or choose another --output_name")
 
     def release(self) -> None:
+        """Remove the lock file and let go of the lock; a folder that became read-only (or vanished) keeps the file,
+        which is harmless: the next run takes it over."""
         if self.fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if os.path.samestat(os.stat(self.path, follow_symlinks=False), os.fstat(self.fd)):
+                self.path.unlink()
+        except OSError as e:
+            logger.debug("run lock %s left in place (%s)", self.path, e)
         finally:
             os.close(self.fd)
             self.fd = None
@@ -198,7 +199,7 @@ class LossLog:
 
     def start(self, resume_step: int | None) -> None:
         rows = []
-        if resume_step is not None and self.path.is_file():
+        if resume_step is not None and self.path.is_file() and not self.path.is_symlink():
             with self.path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
@@ -208,7 +209,8 @@ class LossLog:
             w.writerows(rows)
 
     def append(self, row: dict) -> None:
-        with self.path.open("a", newline="") as f:
+        fd = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the loss log")
+        with os.fdopen(fd, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
 
     def rows(self) -> list[dict]:

@@ -38,8 +38,12 @@ def plan_samples(args, version: ModelVersion, cfg: DatasetConfig) -> list[Job]:
     """Read and check --sample_prompts (every line's values and control images) and size every sample like the
     training data of `cfg`, before any model loads, so a bad line is an error at the start, not at the first
     sampling step hours later."""
+    from ..qwen_image.recommended import sample_defaults
+
     defaults = GenerationSpec(prompt="", height=None, width=None, steps=20,
                               guidance_scale=1.0 if version.is_v21 else 4.0, seed=42)
+    for attr, value in sample_defaults(args).items():  # what the DiT file recommends (nano models: CFG 1)
+        setattr(defaults, attr, value)
     specs = read_prompt_file(args.sample_prompts, defaults, training=True, allow_empty=version.is_layered)
     check_captioning(args, specs)
     if version.is_v21:
@@ -140,8 +144,12 @@ class TrainingSampler:
                 lat = denoise(model, spec, job.encoded, self.device, self.dtype, self.version, job, progress=False)
             stem = self.folder / f"{self.args.output_name}_e{epoch:06d}_s{step:06d}_{i:02d}_{spec.seed}"
             composite_first = not self.args.remove_first_image_from_target
-            paths = decode_and_save(self.vae, [(lat[0], stem)], tiling=False, composite_first=composite_first,
-                                    metadata=[{**spec_metadata(spec, self.version), "step": str(step)}])
+            try:
+                paths = decode_and_save(self.vae, [(lat[0], stem)], tiling=False, composite_first=composite_first,
+                                        metadata=[{**spec_metadata(spec, self.version), "step": str(step)}])
+            except UserError as e:  # a broken sample must not stop the training run
+                logger.warning("sample %d at step %d: %s", i, step, e)
+                continue
             saved += paths
             if accelerator is not None:
                 for tracker in accelerator.trackers:

@@ -17,10 +17,39 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from ..qwen_image.sampler import dynamic_mu, exponential_shift, static_shift
 
-METHODS = ("uniform", "sigmoid", "shift", "qwen_shift", "qinglong_qwen", "logsnr", "sigma")
+METHODS = ("uniform", "sigmoid", "shift", "qwen_shift", "flux_shift", "flux2_shift", "krea2_shift", "ideogram4_shift",
+           "qinglong_qwen", "qinglong_flux", "logsnr", "sigma")
 WEIGHTING = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
-QINGLONG_MID_FRACTION = 0.95  # qinglong_qwen: 95% resolution-shifted sigmoid, 5% logsnr(5.36, 1) (low noise)
-QINGLONG_LOGSNR = (5.36, 1.0)
+QINGLONG_LOGSNR = (5.36, 1.0)  # the low-noise branch of the qinglong mixtures
+# qinglong: (share of the resolution-shifted sigmoid, share of logsnr(logit_mean, logit_std)); the rest is low-noise
+QINGLONG_SHARES = {"qinglong_qwen": (0.95, 0.0), "qinglong_flux": (0.79, 0.11)}
+
+
+def lin(x: float, x1: float, y1: float, x2: float, y2: float) -> float:
+    """The line through (x1, y1) and (x2, y2) at x (musubi-tuner's get_lin_function)."""
+    return (y2 - y1) / (x2 - x1) * (x - x1) + y1
+
+
+def shift_mu(method: str, image_seq_len: int) -> float:
+    """mu of the resolution-dependent shifts, from the packed token count (latent h * w / 4), as musubi-tuner."""
+    if method in ("qwen_shift", "qinglong_qwen"):
+        return dynamic_mu(image_seq_len)
+    if method in ("flux_shift", "qinglong_flux"):
+        return lin(image_seq_len, 256, 0.5, 4096, 1.15)
+    if method == "flux2_shift":  # musubi-tuner counts the unpacked latent h * w here
+        return lin(4 * image_seq_len, 256, 0.5, 4096, 1.15)
+    if method == "krea2_shift":
+        return lin(image_seq_len, 256, 0.5, 6400, 1.15)
+    raise ValueError(method)
+
+
+def ideogram4_t(z: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+    """Ideogram 4's resolution-aware logit-normal: sigmoid(0.5 log(pixels / 512^2) + 1.5 z), clamped; musubi-tuner
+    counts pixels as latent h * w * 16^2."""
+    pixels = 4 * image_seq_len * 16 * 16
+    t = torch.sigmoid(0.5 * math.log(pixels / (512 * 512)) + 1.5 * z.double())
+    lo, hi = 1.0 / (1 + math.exp(9.0)), 1.0 / (1 + math.exp(-7.5))
+    return t.clamp(1.0 - hi, 1.0 - lo).float()
 
 
 def _normal(n: int, generator: torch.Generator, u: torch.Tensor | None) -> torch.Tensor:
@@ -35,19 +64,24 @@ def _draw(method: str, n: int, generator: torch.Generator, u: torch.Tensor | Non
           image_seq_len: int, num_train_timesteps: int) -> torch.Tensor:
     if method == "uniform":
         return torch.rand(n, generator=generator) if u is None else u
-    if method in ("sigmoid", "shift", "qwen_shift"):
+    if method == "ideogram4_shift":
+        return ideogram4_t(_normal(n, generator, u), image_seq_len)
+    if method in ("sigmoid", "shift") or method.endswith("_shift"):
         t = torch.sigmoid(sigmoid_scale * _normal(n, generator, u))
         if method == "shift":
             t = static_shift(shift, t)
-        elif method == "qwen_shift":
-            t = exponential_shift(dynamic_mu(image_seq_len), t)
+        elif method != "sigmoid":
+            t = exponential_shift(shift_mu(method, image_seq_len), t)
         return t
-    if method == "qinglong_qwen":
-        mid = torch.rand(n, generator=generator) < QINGLONG_MID_FRACTION
-        t_mid = exponential_shift(dynamic_mu(image_seq_len), torch.sigmoid(sigmoid_scale * _normal(n, generator, u)))
+    if method in QINGLONG_SHARES:
+        mid_share, logsnr_share = QINGLONG_SHARES[method]
+        pick = torch.rand(n, generator=generator)
+        z = _normal(n, generator, u)
+        t_mid = exponential_shift(shift_mu(method, image_seq_len), torch.sigmoid(sigmoid_scale * z))
+        t_logsnr = torch.sigmoid(-(logit_mean + logit_std * z) / 2)
         mean, std = QINGLONG_LOGSNR
-        t_high = torch.sigmoid(-(mean + std * _normal(n, generator, u)) / 2)
-        return torch.where(mid, t_mid, t_high)
+        t_low = torch.sigmoid(-(mean + std * z) / 2)
+        return torch.where(pick < mid_share, t_mid, torch.where(pick < mid_share + logsnr_share, t_logsnr, t_low))
     if method == "logsnr":
         return torch.sigmoid(-(logit_mean + logit_std * _normal(n, generator, u)) / 2)
     if method == "sigma":

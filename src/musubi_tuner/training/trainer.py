@@ -26,10 +26,11 @@ from ..dataset.config import load_dataset_config
 from ..dataset.holdout import split_items
 from ..dataset.items import collect_items
 from ..dataset.loader import CachedBatches, check_caches, make_loader
-from ..errors import UserError, plural
-from ..fileio import DTYPE_NAMES, check_writable_folder
+from ..errors import UserError, describe_error, is_environment_error, plural
+from ..fileio import DTYPE_NAMES, check_writable_folder, remove_path
 from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
+from ..networks.lora_files import check_multipliers
 from ..qwen_image.model_files import expect
 from ..qwen_image.versions import ModelVersion
 from .checkpoints import (
@@ -156,16 +157,30 @@ def check_ranges(args) -> None:
     need(args.learning_rate >= 0 and math.isfinite(args.learning_rate), "learning_rate", "must be >= 0")
     need(args.max_train_steps >= 1, "max_train_steps", "must be at least 1")
     need(args.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1")
-    need(args.discrete_flow_shift > 0, "discrete_flow_shift", "must be > 0")
+    need(math.isfinite(args.discrete_flow_shift) and args.discrete_flow_shift > 0, "discrete_flow_shift",
+         "must be a finite number > 0")
     need(args.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
     need(args.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
     need(args.blocks_to_swap >= 0, "blocks_to_swap", "must be >= 0")
     need(0 <= args.min_timestep < args.max_timestep <= 1000, "min_timestep",
          f"and --max_timestep {args.max_timestep} must satisfy 0 <= min < max <= 1000")
+    need(args.sigmoid_scale > 0, "sigmoid_scale", "must be > 0")
+    need(args.logit_std > 0, "logit_std", "must be > 0")
+    need(args.mode_scale >= 0, "mode_scale", "must be >= 0")
+    need(args.lr_decay_steps >= 0, "lr_decay_steps", "must be >= 0")
+    need(args.lr_scheduler_num_cycles > 0, "lr_scheduler_num_cycles", "must be > 0")
+    need(args.lr_scheduler_power > 0, "lr_scheduler_power", "must be > 0")
+    need(args.max_data_loader_n_workers >= 0, "max_data_loader_n_workers", "must be >= 0")
+    if args.lr_scheduler_min_lr_ratio is not None:
+        need(0 <= args.lr_scheduler_min_lr_ratio <= 1, "lr_scheduler_min_lr_ratio", "must be between 0 and 1")
+    if args.scale_weight_norms is not None:
+        need(args.scale_weight_norms > 0, "scale_weight_norms", "must be > 0")
     for option in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
-                   "save_last_n_steps", "sample_every_n_epochs", "sample_every_n_steps"):
-        if getattr(args, option) is not None:
+                   "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state", "sample_every_n_epochs",
+                   "sample_every_n_steps", "num_timestep_buckets", "lr_scheduler_timescale", "ddp_timeout"):
+        if getattr(args, option, None) is not None:
             need(getattr(args, option) >= 1, option, "must be at least 1")
+    check_multipliers(args.base_weights_multiplier, "--base_weights_multiplier")
 
 
 @dataclass
@@ -181,10 +196,15 @@ class Checked:
 def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     """All checks that need no model, before anything heavy is loaded: files by their headers, option ranges,
     sample prompts, caches, the output folder."""
-    opts.require(args, "dit", "vae", "text_encoder", "dataset_config", "output_dir")
+    opts.require(args, "dit", "dataset_config", "output_dir")
+    missing = [f"--{n}" for n in ("vae", "text_encoder") if not getattr(args, n)]
+    if args.sample_prompts and missing:  # the caches hold everything else: these two are only for samples
+        raise UserError(f"--sample_prompts needs {' and '.join(missing)} to encode the prompts and decode the samples")
     expect(args.dit, "--dit", "dit", version, num_layers=args.num_layers)
-    expect(args.vae, "--vae", "vae", version)
-    expect(args.text_encoder, "--text_encoder", "text_encoder", version)
+    if args.vae:
+        expect(args.vae, "--vae", "vae", version)
+    if args.text_encoder:
+        expect(args.text_encoder, "--text_encoder", "text_encoder", version)
     if args.remove_first_image_from_target and not version.is_layered:
         raise UserError("--remove_first_image_from_target only applies to --model_version layered")
     check_ranges(args)
@@ -249,9 +269,7 @@ def prepare_output(args, resume_step: int | None) -> tuple[RunLock, LossLog]:
                                 f"({shown}); pass --overwrite to replace them, --resume <state folder> to continue "
                                 "that run, or choose another --output_name")
             for p in earlier:
-                import shutil
-
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                remove_path(p)
             logger.info("--overwrite: removed %d earlier result(s) of %s", len(earlier), args.output_name)
         log = LossLog(loss_log_path(out, args.output_name), LOSS_COLUMNS)
         log.start(resume_step)
@@ -407,16 +425,21 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
     def epoch_number(s: TrainState) -> int:  # completed epochs at an epoch end, else the epoch in progress (1-based)
         return s.epoch if s.batch == 0 else s.epoch + 1
 
+    doing = [None]  # what the run is doing besides training (a save): named if it fails
+
     def save(name: str, at: Boundary, with_state: bool, weights: bool = True) -> Path | None:
         """Weights (main process; a collective under FSDP) and optionally the resumable state."""
         path = output_dir / (name + mode.extension())
         if weights and (accelerator.is_main_process or mode.sharded):
+            doing[0] = f"saving {path.name} (after step {at.state.global_step})"
             md = weights_metadata(metadata, args, at.state.global_step, epoch_number(at.state), spec)
             mode.save(path, save_dtype(args.save_precision), md)
             if accelerator.is_main_process:
                 logger.info("saved %s", path)
         if with_state and (accelerator.is_main_process or mode.sharded):
+            doing[0] = f"saving {name}-state (after step {at.state.global_step})"
             write_state(output_dir / f"{name}-state", at)
+        doing[0] = None
         if accelerator.is_main_process:
             if weights:
                 uploader.upload(path)
@@ -540,24 +563,24 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
                         (epoch + 1) % args.validate_every_n_epochs == 0 if args.validate_every_n_epochs
                         else not args.validate_every_n_steps):
                     validation(epoch + 1)
+        if validator and validated_at[0] != state.global_step:  # the trained model's figure
+            validation(epoch_number(state))
+        bar.close()
+        trace.write(trainable)
+        last = boundary()
+        with_state = args.save_state or args.save_state_on_train_end
+        final = save(args.output_name, last, with_state)
+        if accelerator.is_main_process and state.batch == 0 and state.epoch > 0:
+            # the run ended at an epoch's end: keep that epoch under its number too (hard links), so continuing to
+            # more epochs in this folder never replaces it
+            name = checkpoint_name(args.output_name, epoch=state.epoch)
+            keep_copy(final, output_dir / (name + mode.extension()))
+            if with_state:
+                keep_copy(output_dir / f"{args.output_name}-state", output_dir / f"{name}-state")
     except BaseException as e:  # noqa: BLE001 - every way out of the loop keeps the progress made
         bar.close()
-        _stop_and_save(e, stop, args, mode, accelerator, last, updating, start_step, save)
+        _stop_and_save(e, stop, args, mode, accelerator, last, updating, start_step, save, doing[0])
         raise AssertionError("unreachable")  # _stop_and_save always exits
-    if validator and validated_at[0] != state.global_step:  # the trained model's figure
-        validation(epoch_number(state))
-    bar.close()
-    trace.write(trainable)
-    final_at = boundary()
-    with_state = args.save_state or args.save_state_on_train_end
-    final = save(args.output_name, final_at, with_state)
-    if accelerator.is_main_process and state.batch == 0 and state.epoch > 0:
-        # the run ended at an epoch's end: keep that epoch under its number too (hard links), so continuing to more
-        # epochs in this folder never replaces it
-        name = checkpoint_name(args.output_name, epoch=state.epoch)
-        keep_copy(final, output_dir / (name + mode.extension()))
-        if with_state:
-            keep_copy(output_dir / f"{args.output_name}-state", output_dir / f"{name}-state")
     uploader.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -590,42 +613,56 @@ def make_validator(args, items: list, is_main: bool, version: ModelVersion) -> V
 
 
 def _stop_and_save(error: BaseException, stop: StopRequest, args, mode: Mode, accelerator, last: Boundary,
-                   updating: bool, start_step: int, save) -> None:
+                   updating: bool, start_step: int, save, doing: str | None = None) -> None:
     """Leave the loop with the progress kept: the state of the last finished step goes to
-    <output_name>-interrupted-state (plus a usable weights file), then one line says where it is; exits non-zero."""
+    <output_name>-interrupted-state (plus a usable weights file), then exactly one line says what stopped the run and
+    what was saved; exits non-zero. Errors of the environment (disk full, file size limit, read-only folder) are that
+    line alone; other exceptions (bugs) also log their traceback first."""
     stopped = isinstance(error, Stopped)
     interrupted = stopped or isinstance(error, KeyboardInterrupt)
     name = checkpoint_name(args.output_name, interrupted=True)
     folder = Path(args.output_dir) / f"{name}-state"
-    if not stopped and not isinstance(error, (UserError, KeyboardInterrupt)):
-        logger.error("training failed at step %d", last.state.global_step + 1, exc_info=error)
-    saved, why_not = None, None
-    if last.state.global_step <= start_step:
+    weights_path = folder.parent / (name + mode.extension())
+    step = last.state.global_step
+    what = doing or f"training at step {step + 1}"
+    if not stopped and not isinstance(error, (UserError, KeyboardInterrupt)) and not is_environment_error(error):
+        logger.error("%s failed", what, exc_info=error)
+    why_not = None
+    if step <= start_step:
         why_not = "no step finished in this run"
     elif updating:
         why_not = "the weights were being updated when it stopped"
     elif mode.sharded and not stopped:
         why_not = "a sharded state can only be saved by all processes together"
+    saved_weights = saved_state = False
     if why_not is None:
         try:
-            save(name, last, with_state=True, weights=mode.weights_on_interrupt)
-            saved = folder
+            if mode.weights_on_interrupt:
+                save(name, last, with_state=False, weights=True)
+                saved_weights = True
+            save(name, last, with_state=True, weights=False)
+            saved_state = True
         except BaseException as e:  # noqa: BLE001 - the original error is what the user must see
-            why_not = f"saving it failed too ({type(e).__name__}: {e})"
-    step = last.state.global_step
-    if saved is not None:
-        where = (f"the state after step {step} is saved in {saved}; continue with --resume {saved}"
-                 + (f" (weights: {saved.parent / (name + mode.extension())})" if mode.weights_on_interrupt else ""))
+            why_not = f"saving it failed too: {describe_error(e)}"
+    if saved_state:
+        where = (f"the state after step {step} is saved in {folder}; continue with --resume {folder}"
+                 + (f" (weights: {weights_path})" if mode.weights_on_interrupt else ""))
+    elif saved_weights:
+        where = (f"the weights after step {step} are saved in {weights_path}, but not the state ({why_not}); continue "
+                 f"from them with --network_weights {weights_path}")
     else:
         where = f"nothing was saved ({why_not}); resume from the last periodic -state folder, if any"
-    accelerator.end_training()
+    try:
+        accelerator.end_training()
+    except Exception as e:  # noqa: BLE001 - closing the trackers must not hide what happened
+        logger.debug("closing the trackers failed: %s", e)
     if interrupted:
-        if accelerator.is_main_process or saved is not None:
+        if accelerator.is_main_process or saved_state:
             print(f"interrupted at step {step}: {where}", file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code() if stop.signum else 130) from None
     if isinstance(error, UserError):
         raise UserError(f"{error} ({where})") from None
-    print(f"error: training stopped by {type(error).__name__}: {error}; {where}", file=sys.stderr, flush=True)
+    print(f"error: {what} failed: {describe_error(error)}; {where}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
 
 
