@@ -182,3 +182,57 @@ def test_interactive_lines_without_text(tmp_path, layered_models, monkeypatch, c
             assert "automatic caption (en)" in out and Image.open(saved[0]).text["automatic_caption"] == "en"
         else:
             assert "error:" in out and "lm_head" in out and "give a prompt" in out
+
+
+# caption_images_by_qwen_vl.py --------------------------------------------------------------------------------------
+
+def test_caption_tool_equals_transformers_generate_and_skips_what_is_done(tmp_path, layered_models, capsys):
+    """Greedy captions equal transformers' generate on the same weights (transformers' own processor and model, the
+    Qwen2.5-VL chat turn of an image then the prompt written out here); text and JSONL outputs; captioned images are
+    skipped; the JSONL is what image_jsonl_file reads; ComfyUI's text-encoder file (no lm_head) is refused first."""
+    from transformers import AutoProcessor
+
+    from musubi_tuner.caption_images_by_qwen_vl import main as caption_main
+    from musubi_tuner.tools.caption import DEFAULT_PROMPT
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    picture(folder / "a.png", (280, 252), (200, 30, 30))  # a size the VL bucket keeps (multiples of 28, >= 256²)
+    picture(folder / "b.png", (252, 280), (30, 30, 200))
+    common = ["--image_dir", str(folder), "--model_path", str(layered_models["text_encoder"]), "--max_new_tokens",
+              "12", "--device", "cpu"]
+    r = caption_main(common + ["--output_format", "text"])
+    assert r["captioned"] == 2 and (folder / "a.txt").is_file()
+
+    proc = AutoProcessor.from_pretrained(layered_models["tokenizer"])
+    te = tiny.tiny_text_encoder(tiny.tiny_tokenizer())
+    te.generation_config = GenerationConfig.from_pretrained(layered_models["tokenizer"])
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            "<|vision_start|><|image_pad|><|vision_end|>" + DEFAULT_PROMPT + "<|im_end|>\n<|im_start|>assistant\n")
+    for name in ("a", "b"):
+        inputs = proc(text=[text], images=[Image.open(folder / f"{name}.png").convert("RGB")], return_tensors="pt")
+        ids = te.generate(**inputs, max_new_tokens=12)
+        want = proc.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                 clean_up_tokenization_spaces=False)[0].strip()
+        assert (folder / f"{name}.txt").read_text().strip() == want and want
+
+    # a second run skips both; --overwrite does them again
+    assert caption_main(common + ["--output_format", "text"])["captioned"] == 0
+    assert caption_main(common + ["--output_format", "text", "--overwrite"])["captioned"] == 2
+    # JSONL: read by a dataset config's image_jsonl_file
+    jsonl = tmp_path / "captions.jsonl"
+    r = caption_main(common + ["--output_file", str(jsonl)])
+    assert r["captioned"] == 2 and caption_main(common + ["--output_file", str(jsonl)])["captioned"] == 0
+    from musubi_tuner.dataset.config import load_dataset_config
+    from musubi_tuner.dataset.items import collect_items
+
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\nimage_jsonl_file = "{jsonl}"\ncache_directory = "{tmp_path / "c"}"\n')
+    items = collect_items(load_dataset_config(toml), VERSIONS["original"])
+    assert sorted(i.caption for i in items) == sorted((folder / f"{n}.txt").read_text().strip() for n in "ab")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        caption_main(["--image_dir", str(folder), "--model_path", str(layered_models["comfy_text_encoder"]),
+                      "--output_format", "text", "--overwrite"])
+    err = capsys.readouterr().err
+    assert "lm_head" in err and "Traceback" not in err

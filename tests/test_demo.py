@@ -17,8 +17,9 @@ NEW_AFTER_AT_LEAST = 0.8
 OLD_AFTER_AT_LEAST = 0.6
 
 
-def test_demo_teaches_the_nano_model_purple(tmp_path, capsys):
-    result = demo_main(["--output", str(tmp_path / "demo"), "--samples", "12"])
+def test_demo_teaches_the_nano_model_purple(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = demo_main(["--output", "demo", "--samples", "12"])  # a relative folder, as a user types it
     out = capsys.readouterr().out
     before, after = result["before"], result["after"]
     print(json.dumps({"before": before, "after": after}))
@@ -30,6 +31,10 @@ def test_demo_teaches_the_nano_model_purple(tmp_path, capsys):
     scores = json.loads((tmp_path / "demo" / "original" / "scores.json").read_text())
     assert scores["after"] == after
     assert "new concept" in out and "old concepts" in out and "qwen_image_train_network" in out
+    # the dataset config and the printed commands hold absolute paths: they work from any folder
+    config = (tmp_path / "demo" / "original" / "data" / "dataset.toml").read_text()
+    assert f'image_directory = "{tmp_path}' in config
+    assert str(tmp_path / "demo" / "original" / "lora") in out
 
 
 # the edit and layered families: shorter runs (150 LoRA steps, 8 judged generations); bounds from seeded runs with
@@ -48,3 +53,11 @@ def test_demo_teaches_the_edit_and_layered_models(tmp_path, version):
     assert after["new"]["main"] >= new_after_at_least
     assert after["old"]["main"] >= old_after_at_least
     assert Image.open(result["grid"]).width > 2 * 4 * 64
+    # the printed "generate with it" command runs as it is: the control image (edit) or the image to decompose
+    # (layered) and the guidance the judge scored with are in it
+    from musubi_tuner.qwen_image_generate_image import main as generate_main
+
+    command = result["generate"]
+    assert "--control_image_path" in command and command[command.index("--guidance_scale") + 1] == "1"
+    saved = generate_main(command)
+    assert saved and all(Image.open(p).size == (64, 64) for p in saved)

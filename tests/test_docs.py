@@ -45,12 +45,14 @@ def test_every_docs_page_is_linked_from_the_index():
 
 def test_documented_options_exist():
     from musubi_tuner import qwen_image_cache_latents, qwen_image_cache_text_encoder_outputs
+    from musubi_tuner import caption_images_by_qwen_vl, lora_post_hoc_ema, merge_lora, qwen_extract_lora
     from musubi_tuner import qwen_image_generate_image, qwen_image_train, qwen_image_train_network
     from musubi_tuner.qwen_image.prompts import _LINE_OPTIONS
 
     known = set()
     for mod in (qwen_image_cache_latents, qwen_image_cache_text_encoder_outputs, qwen_image_generate_image,
-                qwen_image_train, qwen_image_train_network):
+                qwen_image_train, qwen_image_train_network, lora_post_hoc_ema, merge_lora, qwen_extract_lora,
+                caption_images_by_qwen_vl):
         known |= {s for a in mod.build_parser()._actions for s in a.option_strings}
     from musubi_tuner import demo
     from musubi_tuner.nano.__main__ import build_parser as nano_parser
@@ -63,7 +65,7 @@ def test_documented_options_exist():
     known |= {f"--{k}" for k in _LINE_OPTIONS}  # prompt-line switches
     accelerate = {"--num_cpu_threads_per_process", "--multi_gpu", "--num_processes", "--num_machines",
                   "--dynamo_backend", "--cpu", "--config_file", "--mixed_precision"}
-    other_tools = {"--i", "--cn", "--g"}  # other models' prompt switches, named as ignored
+    other_tools = {"--i", "--cn", "--g", "--logdir"}  # other models' prompt switches (named as ignored), tensorboard
     bench = Path(__file__).parents[1] / "bench"  # the benchmark scripts' own options
     known |= {o for f in bench.glob("*.py") for o in re.findall(r'add_argument\("(--[a-z][a-z0-9_]*)"', f.read_text())}
     for page in PAGES:

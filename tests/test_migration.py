@@ -348,7 +348,7 @@ def test_show_timesteps_prints_and_does_not_train(tmp_path, data, monkeypatch):
     with redirect_stdout(buf):
         assert run(data, tmp_path / "o", "--show_timesteps", "console", "--timestep_sampling", "qwen_shift") == {}
     text = buf.getvalue()
-    assert "timesteps (qwen_shift" in text and len(text.splitlines()) == 41
+    assert "timesteps (qwen_shift, 64x64" in text and len(text.splitlines()) == 41  # the dataset's resolution
     run(data, tmp_path / "o", "--show_timesteps", "image")
     assert Image.open(tmp_path / "o" / "timesteps.png").size == (840, 320)
 

@@ -143,3 +143,69 @@ def test_shipped_build_info_matches_the_default_plan():
     info = json.loads((WEIGHTS / "build_info.json").read_text())
     assert set(info["settings"]) == set(STAGES)
     assert all(info["settings"][s] == stage_settings(s, Plan()) for s in STAGES)
+
+
+def test_scripts_use_the_settings_the_nano_files_recommend(tmp_path, caplog):
+    """The nano DiTs carry CFG 1, 20 steps, 64x64 and native control sizing in their metadata: generation without
+    those options uses them (and gives no advice to resize Edit-2511 controls to 1M pixels); options given win."""
+    import logging
+
+    from PIL import Image
+
+    from musubi_tuner.nano.models import NANO_RECOMMENDED, shipped
+    from musubi_tuner.qwen_image import recommended
+    from musubi_tuner.qwen_image_generate_image import main as generate_main
+
+    for version in VERSIONS:
+        assert recommended.read(shipped(version)["dit"]) == NANO_RECOMMENDED
+
+    def args(version, *extra):
+        p = shipped(version)
+        return ["--dit", str(p["dit"]), "--vae", str(p["vae"]), "--text_encoder", str(p["text_encoder"]),
+                "--tokenizer", str(p["tokenizer"]), "--model_version", version, "--device", "cpu", "--seed", "1",
+                "--infer_steps", "2", *extra]
+
+    out = generate_main(args("original", "--prompt", "a red circle", "--save_path", str(tmp_path / "a")))
+    info = Image.open(out[0])
+    assert info.size == (64, 64) and info.text["guidance_scale"] == "1.0" and info.text["infer_steps"] == "2"
+    out = generate_main(args("original", "--prompt", "a red circle", "--guidance_scale", "3", "--save_path",
+                             str(tmp_path / "b")))
+    assert Image.open(out[0]).text["guidance_scale"] == "3.0"
+    ctrl = tmp_path / "c.png"
+    Image.new("RGB", (64, 64), "white").save(ctrl)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        out = generate_main(args("edit-2511", "--prompt", "make it blue", "--control_image_path", str(ctrl),
+                                 "--save_path", str(tmp_path / "e")))
+    assert Image.open(out[0]).size == (64, 64) and "resize_control_to_official_size" not in caplog.text
+    assert "recommends" in caplog.text
+    out = generate_main(args("layered", "--prompt", "two shapes", "--control_image_path", str(ctrl), "--output_layers",
+                             "2", "--save_path", str(tmp_path / "l")))
+    assert all(Image.open(p).size == (64, 64) for p in out) and len(out) == 3
+
+
+def test_training_samples_use_the_recommended_guidance(tmp_path):
+    from PIL import Image
+
+    from musubi_tuner.dataset.synthetic import write_shapes_dataset
+    from musubi_tuner.nano.models import shipped
+    from musubi_tuner.qwen_image_cache_latents import main as cache_latents
+    from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_text
+    from musubi_tuner.qwen_image_train_network import main as train_main
+
+    p = shipped("original")
+    img = write_shapes_dataset(tmp_path / "data", n=2, size=(64, 64))
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[general]\nresolution = 64\n[[datasets]]\nimage_directory = "{img}"\n'
+                    f'cache_directory = "{tmp_path / "cache"}"\n')
+    common = ["--dataset_config", str(toml), "--device", "cpu"]
+    cache_latents(common + ["--vae", str(p["vae"])])
+    cache_text(common + ["--text_encoder", str(p["text_encoder"]), "--tokenizer", str(p["tokenizer"])])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --d 1 --s 2\n")
+    r = train_main(common + ["--dit", str(p["dit"]), "--vae", str(p["vae"]), "--text_encoder", str(p["text_encoder"]),
+                             "--tokenizer", str(p["tokenizer"]), "--output_dir", str(tmp_path / "o"),
+                             "--max_train_steps", "1", "--sample_prompts", str(prompts), "--sample_every_n_steps", "1",
+                             "--max_data_loader_n_workers", "0"])
+    sample, = r["sample_dir"].glob("*.png")
+    assert Image.open(sample).text["guidance_scale"] == "1.0" and Image.open(sample).size == (64, 64)

@@ -887,3 +887,11 @@ def test_stale_cache_error_reads_as_a_sentence(tmp_path, capsys, data):
     argv = train_args(models, work / "dataset.toml", tmp_path / "o", "original", "--max_train_steps", "1")
     msg = error_line(capsys, train_main, argv)
     assert "is out of date (" in msg and "run qwen_image_cache_text_encoder_outputs.py" in msg, msg
+
+
+def test_output_dir_that_is_a_dataset_folder_is_refused(tmp_path, capsys, monkeypatch, data):
+    models, toml = data
+    img = next(line.split('"')[1] for line in toml.read_text().splitlines() if line.startswith("image_directory"))
+    no_model_loads(monkeypatch)
+    msg = error_line(capsys, train_main, lora_args(data, Path(img)))
+    assert "is the image_directory of" in msg and "loss plot" in msg

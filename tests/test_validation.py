@@ -69,7 +69,7 @@ def test_passes_are_repeatable_and_leave_training_unchanged(tmp_path):
     base = train_args(models, toml, tmp_path / "plain", "original", *LORA, "--max_train_steps", "6")
     plain = train_main(base)
     add_validation_dataset(tmp_path, toml, models, "original")
-    checked = train_main(train_args(models, toml, tmp_path / "val", "original", *LORA, "--max_train_steps", "6",
+    checked = train_main(train_args(models, toml, tmp_path / "val_run", "original", *LORA, "--max_train_steps", "6",
                                     "--validate_at_start", "--validate_every_n_steps", "2"))
     assert checked["losses"] == plain["losses"]
     from safetensors.torch import load_file
@@ -158,3 +158,30 @@ def test_validate_every_n_epochs(tmp_path):
     assert [(h["step"], h["epoch"]) for h in every_two["validation"]] == [(4, 2), (6, 3)]
     default = train_main(train_args(models, toml, tmp_path / "b", "original", *LORA, "--max_train_epochs", "3"))
     assert [h["step"] for h in default["validation"]] == [2, 4, 6]
+
+
+def test_loss_plot_is_drawn_at_each_save_and_names_where_to_watch(tmp_path, caplog):
+    """<output_name>_loss.png beside the CSVs: training loss in blue, validation in orange, redrawn at each save; the
+    log says where the TensorBoard events are and how to watch them."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    models, toml = make_cached_dataset(tmp_path, "original", n=2, batch_size=1)
+    add_validation_dataset(tmp_path, toml, models, "original")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        r = train_main(train_args(models, toml, out, "original", "--max_train_steps", "4", "--save_every_n_steps",
+                                  "2", "--validate_every_n_steps", "2"))
+    plot = out / "lora_loss.png"
+    arr = np.asarray(Image.open(plot).convert("RGB")).astype(int)
+    assert arr.shape == (420, 800, 3)
+    blue = ((arr[:, :, 2] > 150) & (arr[:, :, 0] < 60)).sum()
+    orange = ((arr[:, :, 0] > 200) & (arr[:, :, 1] > 90) & (arr[:, :, 1] < 150) & (arr[:, :, 2] < 60)).sum()
+    assert blue > 20 and orange > 20, (blue, orange)
+    assert f"tensorboard --logdir {r['logging_dir']}" in caplog.text
+    # the plot is one of the run's results: a new run refuses to replace it without --overwrite, and removes it with
+    from musubi_tuner.training.outputs import existing_outputs
+
+    assert plot in existing_outputs(out, "lora")

@@ -190,7 +190,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     add_memory_args(p, training=True)
     t = p.add_argument_group("timesteps / loss")
     t.add_argument("--timestep_sampling", choices=list(METHODS), default="shift", help="how t is drawn (shift with "
-                   "--discrete_flow_shift 2.2 per the user guide; musubi-tuner's parser default is sigma)")
+                   "--discrete_flow_shift 2.2 as musubi-tuner's Qwen-Image guide recommends; musubi-tuner's parser default is sigma)")
     t.add_argument("--discrete_flow_shift", type=float, default=2.2, help="shift S for shift / sigma sampling")
     t.add_argument("--weighting_scheme", choices=list(WEIGHTING), default="none", help="density / loss weighting")
     t.add_argument("--logit_mean", type=float, default=0.0, help="mean of logsnr / logit_normal")
@@ -255,7 +255,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         ("arch", "architecture (default: by model version)")):
         r.add_argument(f"--metadata_{field}", default=None, help=f"model card {what} (modelspec.* metadata)")
     r.add_argument("--logging_dir", default=None, help="log folder (default: <output_dir>/logs)")
-    r.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default="tensorboard")
+    r.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default="tensorboard",
+                   help="trackers for loss, learning rate, validation and sample images (default tensorboard, in "
+                   "--logging_dir: watch with `tensorboard --logdir <output_dir>/logs`); the loss is also in "
+                   "<output_name>_loss_log.csv and drawn in <output_name>_loss.png at each save")
     r.add_argument("--log_prefix", default="", help="prefix of the run name")
     r.add_argument("--log_tracker_name", default=None, help="tracker project name (default: network or finetune)")
     r.add_argument("--wandb_run_name", default=None, help="name of the wandb run")

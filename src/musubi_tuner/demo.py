@@ -1,4 +1,4 @@
-"""The main job on the embedded default: teach a shipped nano model something new with a LoRA, and let a judge see it.
+"""The demo on the shipped nano models: teach one of them something new with a LoRA, and let a judge see it.
 
 The nano Qwen-Image models (real architectures, trained on a world of coloured shapes; see `musubi_tuner.nano`) ship
 with the package. The demo, with the real entry points and no download:
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None):
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # readable in a log file too: each line as it happens, in order
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     from .nano.models import WEIGHTS, shipped
     from .nano.stories import STORIES
 
@@ -72,7 +76,7 @@ def main(argv=None):
         raise UserError(f"nano model file missing: {missing[0]}; build them with `python -m musubi_tuner.nano build "
                         f"--output {paths['tokenizer'].parent}` or pass --models FOLDER")
     t0 = time.perf_counter()
-    out = Path(args.output) / args.version
+    out = Path(args.output).resolve() / args.version  # absolute: the dataset config and printed commands work anywhere
     print(f"Teaching the nano {args.version} model {story.concept} ({story.items} training images of it"
           f"{story.data_note}, {steps} LoRA steps).")
     result = learn(story, paths, out, steps, args.samples, args.seed, args.device)
@@ -106,9 +110,10 @@ def learn(story, paths: dict, out: Path, steps: int, samples: int, seed: int = 0
     rows = story.grid_rows(seed + 500)
     print("\n== judge the model without the LoRA", flush=True)
     base = ev.NanoGenerator(paths, story.version)
-    before = {"new": story.score_concept(base, samples, seed + 1000).as_dict(),
-              "old": story.score_old(base, samples, seed + 2000).as_dict()}
-    grid_before = _grid_cells(base, rows, seed)
+    with _counting(base, story, samples, rows, "judging without the LoRA"):
+        before = {"new": story.score_concept(base, samples, seed + 1000).as_dict(),
+                  "old": story.score_old(base, samples, seed + 2000).as_dict()}
+        grid_before = _grid_cells(base, rows, seed)
     del base
 
     prompts = out / "sample_prompts.txt"
@@ -126,18 +131,39 @@ def learn(story, paths: dict, out: Path, steps: int, samples: int, seed: int = 0
 
     print("\n== judge the model with the LoRA", flush=True)
     tuned = ev.NanoGenerator(paths, story.version, [(result["final"], 1.0)])
-    after = {"new": story.score_concept(tuned, samples, seed + 1000).as_dict(),
-             "old": story.score_old(tuned, samples, seed + 2000).as_dict()}
-    grid = save_image(_grid(rows, grid_before, _grid_cells(tuned, rows, seed)), out / "grid.png")
+    with _counting(tuned, story, samples, rows, "judging with the LoRA"):
+        after = {"new": story.score_concept(tuned, samples, seed + 1000).as_dict(),
+                 "old": story.score_old(tuned, samples, seed + 2000).as_dict()}
+        grid_after = _grid_cells(tuned, rows, seed)
+    grid = save_image(_grid(rows, grid_before, grid_after), out / "grid.png")
     from .fileio import atomic_path
 
     with atomic_path(out / "scores.json") as tmp:
         Path(tmp).write_text(json.dumps({"version": story.version, "concept": story.concept, "steps": steps,
                                          "before": before, "after": after}, indent=2))
+    # the settings the judge scored with (also the nano files' recommended ones): CFG 1, 20 steps, 64x64
     generate = ["--dit", str(paths["dit"]), "--vae", str(paths["vae"]), *models, "--model_version", story.version,
                 "--lora_weight", str(result["final"]), "--prompt", first.prompt, "--image_size", "64", "64",
-                "--infer_steps", "20", "--seed", str(seed), "--save_path", str(out / "images")]
+                "--infer_steps", "20", "--guidance_scale", "1", "--seed", str(seed), "--save_path",
+                str(out / "images")]
+    if first.controls:  # edit: the images to edit; layered: the image to decompose
+        inputs = [save_image(c, out / "inputs" / f"control_{k}.png") for k, c in enumerate(first.controls)]
+        generate += ["--control_image_path", *map(str, inputs)]
+    if first.layers:
+        generate += ["--output_layers", str(first.layers)]
     return {**result, "before": before, "after": after, "grid": grid, "generate": generate}
+
+
+def _counting(gen, story, samples: int, rows, title: str):
+    """A progress bar over the judged generations (scores of the new and old concepts, then the grid)."""
+    from tqdm.auto import tqdm
+
+    from .nano.stories import judged_generations
+
+    total = judged_generations(story, samples) + sum(1 if r.layers else GRID_SEEDS for r in rows)
+    bar = tqdm(total=total, desc=title, unit="image")
+    gen.progress = bar
+    return bar
 
 
 GRID_SEEDS = 4

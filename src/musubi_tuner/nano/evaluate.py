@@ -44,6 +44,7 @@ class NanoGenerator:
         self.model = load_dit(paths["dit"], self.version, self.dtype, self.device,
                               loras=[LoraMerge(str(p), m) for p, m in loras])
         self.steps, self.guidance = steps, guidance
+        self.progress = None  # a tqdm bar that counts the generations, when set
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, controls: list[Image.Image] = (), layers: int | None = None,
@@ -59,6 +60,8 @@ class NanoGenerator:
         job.encoded = self.text.encode_spec(spec, job.controls if self.version.is_edit else [])
         lat = denoise(self.model, spec, job.encoded, self.device, self.dtype, self.version, job, progress=False)
         frames = [decode(self.vae, lat[:, :, f:f + 1])[0, :, 0] for f in range(lat.shape[2])]
+        if self.progress is not None:
+            self.progress.update(1)
         return [to_pil(p) for p in frames]
 
 

@@ -125,3 +125,10 @@ STORIES = {
 def _layered_kind(score: ev.Score) -> ev.Score:
     """Judged by the shapes the layers show (the alpha IoU is reported beside)."""
     return dataclasses.replace(score, main=score.parts["kind"], parts={"alpha_iou": score.main, **score.parts})
+
+
+def judged_generations(story: Story, samples: int) -> int:
+    """How many images scoring the new and the old concepts generates (for the demo's progress bar)."""
+    if story.version == "edit-2511":  # the old edits: samples // kinds of each kind
+        return samples + max(1, samples // len(EDIT_KINDS)) * len(EDIT_KINDS)
+    return 2 * samples

@@ -93,7 +93,7 @@ def check_controls(version: ModelVersion, n: int, mode: str, where: str = "--con
                        MAX_OFFICIAL_CONTROLS)
     if version.name == "edit-2511" and mode != "official" and advise:
         logger.warning("Edit-2511 was trained with control images at about 1M pixels: pass "
-                       "--resize_control_to_official_size (the user guide calls it mandatory)")
+                       "--resize_control_to_official_size (musubi-tuner's Qwen-Image guide calls it mandatory)")
 
 
 def load_mask(path: str, latent_h: int, latent_w: int) -> torch.Tensor:

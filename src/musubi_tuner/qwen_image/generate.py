@@ -557,37 +557,14 @@ def save_results(results, args, version: ModelVersion, vae) -> list[Path]:
 
 
 def save_merged_model(args, version: ModelVersion) -> Path:
-    """--save_merged_model FILE: the DiT with the --lora_weight files merged (in the DiT file's precision, diffusers key
-    names, which also load in ComfyUI), written tensor by tensor; nothing is generated."""
-    from ..fileio import save_safetensors_streaming
-    from ..memory.placement import dit_loader, lora_merges_from_args
+    """--save_merged_model: the DiT with the --lora_weight files merged, in the DiT file's layout and precision (as
+    merge_lora.py writes it); nothing is generated."""
+    from ..tools.merge import merge_into_dit
 
-    out = Path(args.save_merged_model)
-    if out.suffix != ".safetensors":
-        raise UserError(f"--save_merged_model {out}: give a .safetensors file name")
-    check_writable_folder(out.parent, "--save_merged_model")
     if not args.dit:
         raise UserError("missing required option --dit")
-    info = expect(args.dit, "--dit", "dit", version, num_layers=args.num_layers)
-    for lw in args.lora_weight or []:
-        expect(lw, "--lora_weight", "lora", version)
-    check_multipliers(args.lora_multiplier, "--lora_multiplier")
-    if not args.lora_weight:
-        logger.warning("--save_merged_model without --lora_weight writes the DiT unchanged")
-    # in the DiT file's own precision (bf16 for the published files)
-    dtype = next((d for k, d in info.dtypes.items() if k.endswith("img_in.weight")), torch.bfloat16)
-    model = dit_loader(version)(args.dit, version, dtype, "cpu", loras=lora_merges_from_args(args))
-    sd = model.state_dict()
-    if version.zero_cond_t:
-        from .model_files import ZERO_COND_MARKER
-
-        sd = {**sd, ZERO_COND_MARKER: torch.tensor([])}
-    md = {"merged_from": Path(args.dit).name, "loras": "|".join(f"{Path(p).name}" for p in args.lora_weight or []),
-          "lora_multipliers": "|".join(str(m) for m in (args.lora_multiplier or [1.0])), "model_version": version.name}
-    save_safetensors_streaming(sd, out, md)
-    logger.info("saved merged model %s", out)
-    print(f"merged model written to {out}")
-    return out
+    return merge_into_dit(args.dit, args.lora_weight or [], args.lora_multiplier, args.save_merged_model, version,
+                          None, getattr(args, "include_patterns", None), getattr(args, "exclude_patterns", None))
 
 
 def interactive(args, version: ModelVersion, device, dtype, read_line=None) -> list[Path]:

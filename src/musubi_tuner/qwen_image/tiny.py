@@ -1,7 +1,6 @@
-"""A tiny Qwen-Image family (same architectures as the real models, a few MB of random weights).
-
-It is the project's embedded default model (no download needed) and the fixture of the tests: every loader,
-the sampler and the trainer run on it exactly as on the 20B model.
+"""The tiny test models: a Qwen-Image family with the real architectures and a few MB of random weights, generated
+by the tests (never trained; the trained small family that ships is the nano models, musubi_tuner.nano). Every
+loader, the sampler and the trainer run on them exactly as on the 20B model.
 """
 
 from __future__ import annotations

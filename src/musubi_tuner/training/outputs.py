@@ -6,6 +6,7 @@ and the loss log.
     <output_name>-step00000500...        after step 500       <output_name>-step00000500-state
     <output_name>-interrupted...         stopped by a signal or an error (the state of the last finished step)
     <output_name>_loss_log.csv           one row per optimizer step
+    <output_name>_loss.png               the loss (and validation) curve, redrawn at each save
     .<output_name>.lock                  held (flock) while a run writes these files
 
 Names are matched literally, so an --output_name with glob or regex characters (`lor?`, `lora[1]`) is just a name.
@@ -69,7 +70,8 @@ def validation_log_path(output_dir: Path, output_name: str) -> Path:
 
 
 def _logs(output_dir: Path, output_name: str) -> set[str]:
-    return {loss_log_path(output_dir, output_name).name, validation_log_path(output_dir, output_name).name}
+    return {loss_log_path(output_dir, output_name).name, validation_log_path(output_dir, output_name).name,
+            f"{output_name}_loss.png"}  # training.plot's picture of the two
 
 
 def prune(output_dir: Path, output_name: str, kind: str, keep_from: int, which: str = "both") -> None:

@@ -155,21 +155,29 @@ def timestep_options(args, image_seq_len: int) -> dict:
 
 
 def show_timesteps(args, mode: str, out_dir) -> str:
-    """--show_timesteps console|image: the distribution of t (and of the loss weight) these options give at
-    1024x1024, 100k samples, as text or a PNG; training does not start."""
+    """--show_timesteps console|image: the distribution of t (and of the loss weight) these options give at the
+    resolution of the dataset config (1024x1024 without one; it matters for the resolution-dependent modes), 100k
+    samples, as text or a PNG; training does not start."""
     from pathlib import Path
 
     n = 100_000
+    width, height = 1024, 1024
+    if getattr(args, "dataset_config", None):
+        from ..dataset.config import load_dataset_config
+
+        width, height = load_dataset_config(args.dataset_config)[0].resolution
+    size = f"{width}x{height}"
     g = torch.Generator().manual_seed(args.seed)
     buckets = getattr(args, "num_timestep_buckets", None)
     strata = [stratum(args.seed, i, buckets) for i in range(n)] if buckets and buckets > 1 else None
-    t = sample_t(args.timestep_sampling, n, g, strata=strata, **timestep_options(args, 64 * 64))
+    t = sample_t(args.timestep_sampling, n, g, strata=strata,
+                 **timestep_options(args, (width // 16) * (height // 16)))
     counts = torch.histc(t, bins=40, min=0.0, max=1.0)
     centres = (torch.arange(40) + 0.5) / 40
     weights = loss_weight(args.weighting_scheme, centres)
     if mode == "console":
         top = float(counts.max())
-        lines = [f"timesteps ({args.timestep_sampling}, 1024x1024, {n} samples; t x 1000, 25 per line):"]
+        lines = [f"timesteps ({args.timestep_sampling}, {size}, {n} samples; t x 1000, 25 per line):"]
         for i, (c, w) in enumerate(zip(counts.tolist(), weights.tolist())):
             lines.append(f"{i * 25:4d}-{i * 25 + 24:4d} {'#' * int(round(50 * c / top)):<50} {int(c):6d}  w={w:.3f}")
         text = "\n".join(lines)
@@ -183,7 +191,7 @@ def show_timesteps(args, mode: str, out_dir) -> str:
     for i, c in enumerate(counts.tolist()):
         h = int(260 * c / top)
         d.rectangle((20 + i * 20, 290 - h, 36 + i * 20, 290), fill=(60, 90, 200))
-    d.text((20, 8), f"sampled timesteps: {args.timestep_sampling} (0 .. 1000), {n} samples", fill="black")
+    d.text((20, 8), f"sampled timesteps: {args.timestep_sampling} at {size} (0 .. 1000), {n} samples", fill="black")
     path = Path(out_dir) / "timesteps.png"
     from ..fileio import save_image
 

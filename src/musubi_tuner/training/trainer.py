@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from .outputs import (
     LossLog, RunLock, checkpoint_name, existing_outputs, keep_copy, loss_log_path, prune, remove_leftovers,
     validation_log_path,
 )
+from .plot import update_loss_plot
 from .validation import Validator, check_validation_options, default_sigmas, validation_seed
 
 logger = logging.getLogger(__name__)
@@ -222,6 +224,7 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
     if args.resume_from_huggingface:  # from here on --resume is the downloaded folder
         args.resume = str(download_state(args))
     configs = load_dataset_config(args.dataset_config)
+    check_output_not_in_dataset(args.output_dir, configs)
     jobs = None
     if args.sample_prompts:
         from .sampling import plan_samples
@@ -233,6 +236,18 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
         logger.info("validation: %s held out (never trained on)", plural(len(held), "item"))
     return Checked(configs, check_caches(train, version, args.vae, args.text_encoder), jobs,
                    check_caches(held, version, args.vae, args.text_encoder) if held else [])
+
+
+def check_output_not_in_dataset(output_dir: str, configs: list) -> None:
+    """The run writes pictures beside its checkpoints (the loss plot): in a dataset's image or control folder they
+    would become training images of the next caching run."""
+    out = Path(output_dir).resolve()
+    for cfg in configs:
+        for key in ("image_directory", "control_directory"):
+            folder = getattr(cfg, key, None)
+            if folder and Path(folder).resolve() == out:
+                raise UserError(f"--output_dir {output_dir} is the {key} of {cfg.where}: the run's files (its loss "
+                                "plot) would become training images; choose another folder")
 
 
 def resume_check(args, mode: Mode, version: ModelVersion, total_steps: int) -> int | None:
@@ -294,6 +309,9 @@ class Stopped(Exception):
 def run_training(args: argparse.Namespace, mode: Mode) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # under accelerate launch: one copy of the log lines, from rank 0,
+        logging.getLogger().setLevel(logging.WARNING)  # also of those before the Accelerator exists
 
     version = opts.version_from_args(args)
     if args.show_timesteps:
@@ -396,8 +414,6 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
         if args.log_config:
             logger.info("options: %s", json.dumps(config, sort_keys=True))
         if args.log_with in ("wandb", "all"):
-            import os
-
             import wandb
 
             os.environ.setdefault("WANDB_DIR", str(accelerator.logging_dir))
@@ -406,6 +422,10 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
         init = tracker_init_kwargs(args)
         accelerator.init_trackers(args.log_tracker_name or f"{args.log_prefix}{mode.name}", config=config,
                                   init_kwargs=init)
+        if args.log_with in ("tensorboard", "all"):
+            logger.info("TensorBoard logs in %s (watch the run: tensorboard --logdir %s); the loss is also drawn in "
+                        "%s at each save", accelerator.logging_dir, accelerator.logging_dir,
+                        output_dir / f"{args.output_name}_loss.png")
     steps_per_epoch = math.ceil(len(dataset) / ga)
     metadata = training_metadata(args, version, mode, checked.cached, checked.configs, total_steps, steps_per_epoch,
                                  num_epochs)
@@ -440,6 +460,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
             doing[0] = f"saving {name}-state (after step {at.state.global_step})"
             write_state(output_dir / f"{name}-state", at)
         doing[0] = None
+        if accelerator.is_main_process and loss_log is not None:
+            update_loss_plot(output_dir, args.output_name, validator is not None)
         if accelerator.is_main_process:
             if weights:
                 uploader.upload(path)
@@ -575,6 +597,8 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
             # more epochs in this folder never replaces it
             name = checkpoint_name(args.output_name, epoch=state.epoch)
             keep_copy(final, output_dir / (name + mode.extension()))
+            logger.info("also kept as %s (a hard link: no extra disk), so that continuing this run to more epochs "
+                        "in this folder keeps epoch %d's result", name + mode.extension(), state.epoch)
             if with_state:
                 keep_copy(output_dir / f"{args.output_name}-state", output_dir / f"{name}-state")
     except BaseException as e:  # noqa: BLE001 - every way out of the loop keeps the progress made
@@ -684,8 +708,6 @@ class Trace:
     weights (used by the multi-process tests; costs nothing otherwise)."""
 
     def __init__(self, rank: int):
-        import os
-
         self.dir, self.rank, self.items = os.environ.get("MUSUBI_TUNER_TRACE_DIR"), rank, []
 
     def record(self, items: list[int]) -> None:
