@@ -106,3 +106,26 @@ def test_vae_tiling_decodes_large_latents_close_to_untiled(tiny_models):
     assert vae.use_tiling and full.shape == tiled.shape == (1, 3, 1, 384, 320)
     assert (full - tiled).abs().mean() < 0.05  # blended tiles, same picture
     assert not torch.equal(full, tiled)  # the tiled path really ran
+
+
+def test_prompt_embedding_cache_follows_the_image_content_not_its_identity(tmp_path):
+    """The embedding cache of an edit prompt is keyed by the images' content: a picture changed in place (or a new
+    picture that gets a freed one's id, as happened while the judge scored edits) is encoded again."""
+    import argparse
+
+    from musubi_tuner.qwen_image.generate import TextEncoderSession
+    from musubi_tuner.qwen_image.tiny import write_tiny_models
+    from musubi_tuner.qwen_image.versions import VERSIONS
+
+    version = VERSIONS["edit-2509"]
+    models = write_tiny_models(tmp_path, version)
+    args = argparse.Namespace(text_encoder=str(models["text_encoder"]), tokenizer=str(models["tokenizer"]),
+                              text_encoder_cpu=True, fp8_vl=False)
+    session = TextEncoderSession(args, version, torch.device("cpu"), torch.float32)
+    image = Image.new("RGB", (64, 64), "red")
+    first = session.encode("make it blue", [image])
+    image.paste((0, 200, 0), (0, 0, 64, 64))  # the same object, another picture
+    second = session.encode("make it blue", [image])
+    assert not torch.equal(first, second)
+    again = session.encode("make it blue", [Image.new("RGB", (64, 64), "red")])  # the first picture again
+    assert torch.equal(first, again)

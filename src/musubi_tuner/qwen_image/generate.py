@@ -91,6 +91,14 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def image_key(image: Image.Image) -> tuple:
+    """What identifies an image's content in the embedding caches. Not id(): a freed image's id is reused by the next
+    one, which then got the cached embedding of another picture (the judge's edit scores changed between runs)."""
+    import hashlib
+
+    return image.mode, image.size, hashlib.sha1(image.tobytes()).hexdigest()
+
+
 class TextEncoderSession:
     """The text encoder with its processor, loaded once; prompt embeddings are cached per (text, images)."""
 
@@ -108,7 +116,7 @@ class TextEncoderSession:
         self.cache: dict = {}
 
     def encode(self, text: str, imgs: list) -> torch.Tensor:
-        key = (text, tuple(id(im) for im in imgs))
+        key = (text, tuple(image_key(im) for im in imgs))
         if key not in self.cache:
             self.cache[key] = encode_prompts(self.te, self.processor, [text], self.version.template, self.device,
                                              [imgs] if imgs and self.version.is_edit else None)[0].to("cpu",
@@ -118,7 +126,7 @@ class TextEncoderSession:
     def caption(self, spec: GenerationSpec, image: Image.Image) -> None:
         """A layered prompt left empty becomes the caption of the image to decompose (once per image)."""
         lang = caption_language(self.caption_language)
-        key = ("caption", id(image), lang)
+        key = ("caption", image_key(image), lang)
         if key not in self.cache:
             if not self.te.has_lm_head:  # what the loader found (no second read of the file)
                 raise no_lm_head(self.text_encoder_path)

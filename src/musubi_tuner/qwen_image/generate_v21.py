@@ -20,8 +20,8 @@ from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
 from . import v21
 from .generate import (
-    build_specs, check_models, compute_setup, decode_and_save, free_memory, generate_and_save, load_latent_files,
-    negative_of, output_stem, quantize_text_encoder, save_merged_model, save_results,
+    build_specs, check_models, compute_setup, decode_and_save, free_memory, generate_and_save, image_key,
+    load_latent_files, negative_of, output_stem, quantize_text_encoder, save_merged_model, save_results,
 )
 from .model_files import expect
 from .prompts import GenerationSpec
@@ -80,7 +80,7 @@ class TextEncoder21:
         self.cache: dict = {}
 
     def encode(self, text: str, images: list[Image.Image]):
-        key = (text, tuple(id(im) for im in images))
+        key = (text, tuple(image_key(im) for im in images))
         if key not in self.cache:
             e, m = v21.encode_prompts(self.te, self.processor, [text], images or None, self.device)[0]
             self.cache[key] = (e.float().cpu(), m.cpu())
