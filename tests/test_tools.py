@@ -220,3 +220,39 @@ def test_extracted_lora_reconstructs_the_finetune(tmp_path, tiny_models, capsys)
                       str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err
     assert "--model_tuned" in err and "error:" in err and "Traceback" not in err
+
+
+def test_merge_lora_fp8_scaled_writes_comfyuis_layout(tmp_path, tiny_models, capsys):
+    """--fp8_scaled: ComfyUI's scaled fp8 layout as its model_detection and ops.scaled_fp8_ops read it (a
+    `<prefix>scaled_fp8` marker of the fp8 dtype, every Linear weight fp8 with a float32 scalar scale_weight, weight =
+    fp8 * scale); dequantised, the weights are the merged ones to fp8's precision. This tool refuses fp8 files."""
+    from musubi_tuner.merge_lora import main as merge_main
+    from musubi_tuner.qwen_image.dit import LoraMerge, load_dit
+    from musubi_tuner.qwen_image.model_files import COMFY_DIT_PREFIX
+    from musubi_tuner.qwen_image.versions import VERSIONS
+
+    v = VERSIONS["original"]
+    base = load_dit(tiny_models["dit"], v, torch.float32)
+    lora = _lora_for(base, tmp_path / "a.safetensors")
+    out = tmp_path / "fp8.safetensors"
+    merge_main(["--dit", str(tiny_models["dit"]), "--lora_weight", str(lora), "--save_merged_model", str(out),
+                "--fp8_scaled"])
+    want = load_dit(tiny_models["dit"], v, torch.float32, loras=[LoraMerge(str(lora), 1.0)]).state_dict()
+    with safe_open(str(tiny_models["dit"]), "pt") as f:
+        prefix = COMFY_DIT_PREFIX if any(k.startswith(COMFY_DIT_PREFIX) for k in f.keys()) else ""
+    got = load_file(str(out))
+    marker = got.pop(prefix + "scaled_fp8")
+    assert marker.dtype == torch.float8_e4m3fn and marker.numel() == 0
+    linear = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    for k, w in want.items():
+        if k in linear:
+            q, scale = got[prefix + k], got[prefix + k[:-6] + "scale_weight"]
+            assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == ()
+            deq = q.float() * scale
+            assert (deq - w).norm() / w.norm() < 0.05, k
+        else:
+            assert torch.equal(got[prefix + k].float(), w), k
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        merge_main(["--dit", str(out), "--save_merged_model", str(tmp_path / "again.safetensors")])
+    assert "fp8" in capsys.readouterr().err

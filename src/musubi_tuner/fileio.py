@@ -157,7 +157,7 @@ def save_safetensors_streaming(tensors: dict[str, torch.Tensor], path: str | os.
         f.write(blob)
         for k, t in tensors.items():
             c = conv(t).contiguous().cpu()
-            f.write(c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+            f.write(c.reshape(-1).view(torch.uint8).numpy().tobytes() if c.numel() else b"")  # 0-dim too
             del c
     return Path(path)
 

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a folder (diffusers shards)")
     p.add_argument("--save_precision", choices=["float", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"],
                    default=None, help="dtype of the merged weights (default: the DiT file's)")
+    p.add_argument("--fp8_scaled", action="store_true", help="write ComfyUI's scaled fp8 layout (fp8 Linear weights "
+                   "with a per-layer scale_weight): half the size, for ComfyUI; single-file input only")
     p.add_argument("--device", default=None, help="accepted for musubi-tuner command lines; merging runs on the CPU "
                    "as the weights stream in")
     p.add_argument("--dit_in_channels", type=int, action=opts.Inert, why="HunyuanVideo only")
@@ -45,7 +47,7 @@ def main(argv=None):
 
     version = resolve_version(args.model_version, False, False)
     return merge_into_dit(args.dit, args.lora_weight or [], args.lora_multiplier, args.save_merged_model, version,
-                          args.save_precision, args.include_patterns, args.exclude_patterns)
+                          args.save_precision, args.include_patterns, args.exclude_patterns, args.fp8_scaled)
 
 
 if __name__ == "__main__":

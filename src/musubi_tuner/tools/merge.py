@@ -8,7 +8,9 @@ with --lora_weight), and the result is written in the layout of the input:
   `max_shard_bytes` with `diffusion_pytorch_model.safetensors.index.json` and `config.json`, which diffusers'
   `from_pretrained` loads.
 
-Precision: the DiT file's own (bf16 for the published files) unless `--save_precision` asks for another. Every file
+Precision: the DiT file's own (bf16 for the published files) unless `--save_precision` asks for another; with
+`--fp8_scaled` a single file in ComfyUI's scaled fp8 layout (comfy_scaled_fp8; ComfyUI loads it, this tool's loaders
+refuse fp8 files by design and quantise at load time instead). Every file
 and option is checked before anything loads; files are written tensor by tensor and atomically.
 """
 
@@ -63,13 +65,36 @@ def plan(dit: str, loras: list[str], multipliers: list[float] | None, output: st
     return info, sharded
 
 
+FP8_MAX = 448.0  # float8_e4m3fn
+
+
+def comfy_scaled_fp8(sd: dict[str, torch.Tensor], linear_weights: set[str], prefix: str) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled fp8 layout (its model_detection and ops.scaled_fp8_ops): a `<prefix>scaled_fp8` marker whose
+    dtype is the fp8 type, every Linear weight in float8_e4m3fn with a float32 scalar `<layer>.scale_weight`
+    (weight = fp8 * scale, scale = max |w| / 448), every other tensor as it was."""
+    out = {}
+    for k, v in sd.items():
+        if k in linear_weights:
+            w = v.float()
+            scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)
+            out[prefix + k] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            out[prefix + k[:-len("weight")] + "scale_weight"] = scale.to(torch.float32).reshape(())
+        else:
+            out[prefix + k if k != ZERO_COND_MARKER else k] = v
+    out[prefix + "scaled_fp8"] = torch.tensor([], dtype=torch.float8_e4m3fn)
+    return out
+
+
 def merge_into_dit(dit: str, loras: list[str], multipliers: list[float] | None, output: str, version: ModelVersion,
                    precision: str | None = None, include: list[str] | None = None,
-                   exclude: list[str] | None = None) -> Path:
+                   exclude: list[str] | None = None, fp8_scaled: bool = False) -> Path:
     from ..memory.placement import dit_loader
     from ..qwen_image.dit import LoraMerge
 
     info, sharded = plan(dit, loras, multipliers, output, version, precision)
+    if fp8_scaled and (sharded or version.is_v21):
+        raise UserError("--fp8_scaled writes ComfyUI's single-file scaled fp8 layout: give a single-file Qwen-Image DiT "
+                        "(not diffusers shards or 2.1)")
     file_dtype = next((d for k, d in info.dtypes.items() if k.endswith("img_in.weight")), torch.bfloat16)
     dtype = DTYPE_NAMES[precision] if precision else file_dtype
     mults = list(multipliers or [1.0])
@@ -87,8 +112,12 @@ def merge_into_dit(dit: str, loras: list[str], multipliers: list[float] | None, 
             else ""
         if version.zero_cond_t:
             sd = {**sd, ZERO_COND_MARKER: torch.tensor([])}
-        out = save_safetensors_streaming({(prefix + k if k != ZERO_COND_MARKER else k): v for k, v in sd.items()},
-                                         output, md)
+        if fp8_scaled:
+            linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            out = save_safetensors_streaming(comfy_scaled_fp8(sd, linear, prefix), output, md)
+        else:
+            out = save_safetensors_streaming({(prefix + k if k != ZERO_COND_MARKER else k): v for k, v in sd.items()},
+                                             output, md)
     logger.info("saved merged model %s", out)
     print(f"merged model written to {out}")
     return out
