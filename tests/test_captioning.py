@@ -216,6 +216,16 @@ def test_caption_tool_equals_transformers_generate_and_skips_what_is_done(tmp_pa
                                  clean_up_tokenization_spaces=False)[0].strip()
         assert (folder / f"{name}.txt").read_text().strip() == want and want
 
+    # --caption_extension names the files; --prompt is what the model is asked
+    r = caption_main(common + ["--output_format", "text", "--caption_extension", ".caption", "--prompt",
+                               "Describe\\nthe shape."])
+    assert r["captioned"] == 2 and (folder / "a.caption").is_file()
+    inputs = proc(text=[text.replace(DEFAULT_PROMPT, "Describe\nthe shape.")],
+                  images=[Image.open(folder / "a.png").convert("RGB")], return_tensors="pt")
+    ids = te.generate(**inputs, max_new_tokens=12)
+    want = proc.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                             clean_up_tokenization_spaces=False)[0].strip()
+    assert (folder / "a.caption").read_text().strip() == want
     # a second run skips both; --overwrite does them again
     assert caption_main(common + ["--output_format", "text"])["captioned"] == 0
     assert caption_main(common + ["--output_format", "text", "--overwrite"])["captioned"] == 2

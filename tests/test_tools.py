@@ -209,6 +209,11 @@ def test_extracted_lora_reconstructs_the_finetune(tmp_path, tiny_models, capsys)
         a, b = (m(hidden_states=x, timestep=t, encoder_hidden_states=txt, img_shapes=[[(1, 4, 4)]],
                   return_dict=False)[0] for m in (ref, ours))
     assert torch.allclose(a, b, atol=1e-5)
+    plain = tmp_path / "plain.safetensors"
+    extract_main(["--model_org", str(tiny_models["dit"]), "--model_tuned", str(tuned), "--save_to", str(plain), "--dim",
+                  "2", "--save_precision", "bf16", "--no_metadata"])
+    with safe_open(str(plain), "pt") as f:
+        assert not f.metadata() and f.get_tensor("lora_unet_img_in.lora_up.weight").dtype == torch.bfloat16
     low = extract_main(["--model_org", str(tiny_models["dit"]), "--model_tuned", str(tuned), "--save_to",
                         str(tmp_path / "rank1.safetensors"), "--dim", "1"])
     assert 0.1 < low["error"] < 1

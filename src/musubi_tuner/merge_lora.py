@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="dtype of the merged weights (default: the DiT file's)")
     p.add_argument("--fp8_scaled", action="store_true", help="write ComfyUI's scaled fp8 layout (fp8 Linear weights "
                    "with a per-layer scale_weight): half the size, for ComfyUI; single-file input only")
-    p.add_argument("--device", default=None, help="accepted for musubi-tuner command lines; merging runs on the CPU "
-                   "as the weights stream in")
+    p.add_argument("--device", type=str, action=opts.Inert, why="merging runs on the CPU as the weights stream in")
     p.add_argument("--dit_in_channels", type=int, action=opts.Inert, why="HunyuanVideo only")
     return p
 

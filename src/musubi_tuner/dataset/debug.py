@@ -16,7 +16,7 @@ from .prepare import image_size, prepare_item
 
 
 def show_dataset(items: list[ImageItem], version: ModelVersion, mode: str, args) -> dict:
-    from PIL import Image
+    from ..qwen_image.generate import to_pil
 
     written = []
     for it in items:
@@ -25,10 +25,7 @@ def show_dataset(items: list[ImageItem], version: ModelVersion, mode: str, args)
         controls = " ".join(f"{c.size[0]}x{c.size[1]}" for c in prep.control_images)
         print(f"{it.key}: {w}x{h} -> bucket {prep.bucket[0]}x{prep.bucket[1]}, {len(it.targets)} target image(s)"
               + (f", controls {controls}" if controls else "") + f" | {it.caption[:80]}")
-        targets = []
-        for f in range(prep.targets.shape[1]):
-            arr = ((prep.targets[:, f].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-            targets.append(Image.fromarray(arr))
+        targets = [to_pil(prep.targets[:, f]) for f in range(prep.targets.shape[1])]
         if mode == "image":
             folder = Path(it.config.cache_directory) / "debug"
             for f, img in enumerate(targets):

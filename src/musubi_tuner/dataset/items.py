@@ -64,7 +64,8 @@ def load_image(path: Path, mode: str) -> Image.Image:
         raise UserError(f"cannot read image {path}: {e}; replace or remove the file") from None
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The images of a folder's top level (as a dataset's image_directory lists them), sorted."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
@@ -73,7 +74,7 @@ def _claim_controls(stems: list[str], control_dir: Path | None, where: str) -> d
     files first (as musubi-tuner does), so item `photo` never takes `photo_1.png` when `photo_1` is an item itself."""
     if control_dir is None:
         return {}
-    files = _images_in(control_dir)
+    files = images_in(control_dir)
     claimed: dict[str, list[Path]] = {}
     free = set(files)
     for base in sorted(stems, key=len, reverse=True):
@@ -102,7 +103,7 @@ def _read_caption(image: Path, cfg: DatasetConfig) -> str:
 
 def _from_directory(cfg: DatasetConfig) -> list[ImageItem]:
     folder = Path(cfg.image_directory)
-    images = _images_in(folder)
+    images = images_in(folder)
     control_dir = Path(cfg.control_directory) if cfg.control_directory else None
     stems = {p.stem for p in images}
     targets_of = {}

@@ -100,5 +100,5 @@ def no_lm_head(file, option: str = "--text_encoder"):
     from ..errors import UserError
 
     return UserError(f"{option}: {file} has no lm_head.weight (ComfyUI's text-encoder file leaves it out), so it "
-                     f"cannot caption a layered input without a prompt; pass the full Qwen2.5-VL (the text_encoder "
-                     f"folder of Qwen/Qwen-Image-Layered) or give a prompt")
+                     f"cannot write captions; pass the full Qwen2.5-VL (a transformers folder, such as the "
+                     f"text_encoder folder of Qwen/Qwen-Image-Layered), or, for a layered input, give a prompt")

@@ -60,8 +60,6 @@ def _flag(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes")
 
 
-_flag.__name__ = "flag (1/true/yes)"
-
 # switch -> (spec field, converter)
 _LINE_OPTIONS = {
     "w": ("width", int), "h": ("height", int), "d": ("seed", int), "s": ("steps", int),

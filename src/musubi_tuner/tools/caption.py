@@ -37,7 +37,6 @@ You are a professional image annotator. Please complete the following task based
 2. Enrich caption details by including: object attributes, vision relations between objects, and environmental details.
 3. Identify the text visible in the image, without translation or explanation, and highlight it in the caption with quotation marks.
 4. Maintain authenticity and accuracy, avoid generalizations."""
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".BMP")
 
 
 def chat_text(prompt: str) -> str:
@@ -65,10 +64,6 @@ def caption_size(size: tuple[int, int], max_size: int = DEFAULT_MAX_SIZE) -> tup
         candidates = [(w, h), (w - f, h), (w, h - f), (w + f, h), (w, h + f)]
     candidates = [(a, b) for a, b in candidates if min_area <= a * b <= max_area] or candidates[:1]
     return min(candidates, key=lambda c: abs(c[0] / c[1] - width / height))
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in IMAGE_EXTENSIONS)
 
 
 def read_jsonl(path: Path) -> dict[str, str]:
@@ -106,7 +101,7 @@ class Captioner:
         from ..dataset.buckets import resize_crop
         from ..qwen_image.captioning import generation_settings
 
-        image = resize_crop(image.convert("RGB"), caption_size(image.size, self.max_size))
+        image = resize_crop(image, caption_size(image.size, self.max_size))
         inputs = {k: v.to(self.device) for k, v in self.processor(chat_text(prompt), [image]).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
@@ -120,6 +115,7 @@ def caption_folder(image_dir: str, model_path: str, output_file: str | None = No
                    prompt: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    max_size: int = DEFAULT_MAX_SIZE, fp8_vl: bool = False, tokenizer: str | None = None,
                    overwrite: bool = False, caption_extension: str = ".txt", device: str | None = None) -> dict:
+    from ..dataset.items import IMAGE_EXTS, images_in, load_image
     from ..qwen_image.captioning import check_caption_model
 
     folder = Path(image_dir)
@@ -129,9 +125,9 @@ def caption_folder(image_dir: str, model_path: str, output_file: str | None = No
         raise UserError("--output_format jsonl needs --output_file FILE.jsonl (or use --output_format text)")
     if max_new_tokens < 1 or max_size < 256:
         raise UserError("--max_new_tokens must be at least 1 and --max_size at least 256")
-    images = list_images(folder)
+    images = images_in(folder)
     if not images:
-        raise UserError(f"--image_dir {image_dir}: no images ({', '.join(sorted(set(e.lower() for e in IMAGE_EXTENSIONS)))})")
+        raise UserError(f"--image_dir {image_dir}: no images ({', '.join(sorted(IMAGE_EXTS))})")
     check_caption_model(model_path, "--model_path")
     prompt = (prompt or DEFAULT_PROMPT).replace("\\n", "\n")
     existing: dict[str, str] = {}
@@ -149,16 +145,15 @@ def caption_folder(image_dir: str, model_path: str, output_file: str | None = No
     if not todo:
         print(f"every image in {folder} is captioned already")
         return {"captioned": 0, "skipped": skipped}
+    from ..dataset.prepare import image_size
+
+    for path in todo:  # every file is an image it can read (its header), before the model loads
+        image_size(path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     captioner = Captioner(model_path, tokenizer, dev, fp8_vl, max_size)
     done = {}
     for path in tqdm(todo, desc="captioning", unit="image"):
-        try:
-            with Image.open(path) as im:
-                image = im.copy()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"cannot read image {path}: {e}; replace or remove the file") from None
-        text = captioner(image, prompt, max_new_tokens)
+        text = captioner(load_image(path, "RGB"), prompt, max_new_tokens)
         done[str(path.resolve())] = text
         if output_format == "jsonl":
             entries = {**existing, **done}

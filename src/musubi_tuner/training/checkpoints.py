@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..errors import UserError
+from ..errors import UserError, describe_error
 from ..fileio import remove_path, save_safetensors, temp_folder
 
 STATE_FORMAT = "qwen_image_train_state/1"
@@ -156,8 +156,8 @@ def load_state(folder: str | Path, optimizer, scheduler, tensors: bool = True
                 raise UserError(f"--resume: {path} holds objects other than tensors and plain values, which are "
                                 "refused (loading them could run code); resume from a state folder written by this "
                                 "tool") from None
-            raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            "resume from another state folder") from None
+            raise UserError(f"--resume: {path} cannot be read ({describe_error(e)}); resume from another state "
+                            "folder") from None
 
     if tensors:
         trainable = read("trainable.safetensors", lambda p: load_file(str(p)))

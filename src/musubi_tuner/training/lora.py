@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, describe_error
 from .optim import parse_kv
 from .trainer import Mode
 
@@ -29,8 +29,7 @@ def import_network_module(name: str):
                 raise UserError(f"--network_module {name}: it needs the package {e.name!r}, which is not installed "
                                 f"(pip install {e.name.split('.')[0]})") from None
         except Exception as e:  # noqa: BLE001 - a broken third-party module is the user's to fix
-            raise UserError(f"--network_module {name}: importing it failed ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            raise UserError(f"--network_module {name}: importing it failed ({describe_error(e)})") from None
     raise UserError(f"--network_module {name}: module not found (use networks.lora_qwen_image or an installed "
                     "module path such as lycoris.kohya)")
 

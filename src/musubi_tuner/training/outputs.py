@@ -69,9 +69,13 @@ def validation_log_path(output_dir: Path, output_name: str) -> Path:
     return Path(output_dir) / f"{output_name}_validation_log.csv"
 
 
+def loss_plot_path(output_dir: Path, output_name: str) -> Path:
+    return Path(output_dir) / f"{output_name}_loss.png"
+
+
 def _logs(output_dir: Path, output_name: str) -> set[str]:
     return {loss_log_path(output_dir, output_name).name, validation_log_path(output_dir, output_name).name,
-            f"{output_name}_loss.png"}  # training.plot's picture of the two
+            loss_plot_path(output_dir, output_name).name}
 
 
 def prune(output_dir: Path, output_name: str, kind: str, keep_from: int, which: str = "both") -> None:

@@ -6,9 +6,10 @@ The training loss per step (light), its moving average (dark) and, when validati
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
+
+from .outputs import LossLog, loss_log_path, loss_plot_path, validation_log_path
 
 logger = logging.getLogger(__name__)
 
@@ -16,20 +17,14 @@ WIDTH, HEIGHT = 800, 420
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 50
 
 
-def plot_path(output_dir: Path, output_name: str) -> Path:
-    return Path(output_dir) / f"{output_name}_loss.png"
-
-
 def _read(path: Path | None, column: str) -> list[tuple[int, float]]:
-    if path is None or not Path(path).is_file():
-        return []
+    """(step, value) of a loss or validation log; rows without a number there are skipped."""
     out = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                out.append((int(row["step"]), float(row[column])))
-            except (KeyError, TypeError, ValueError):
-                continue
+    for row in LossLog(path, []).rows() if path is not None else []:
+        try:
+            out.append((int(row["step"]), float(row[column])))
+        except (KeyError, TypeError, ValueError):
+            continue
     return out
 
 
@@ -103,12 +98,11 @@ def write_loss_plot(loss_log: Path, validation_log: Path | None, out: Path, titl
 
 def update_loss_plot(output_dir: Path, output_name: str, validation: bool) -> Path | None:
     """Redraw the run's plot from its logs; a failure to draw is a warning, never a failed save."""
-    from .outputs import loss_log_path, validation_log_path
-
+    out = loss_plot_path(output_dir, output_name)
     try:
         return write_loss_plot(loss_log_path(output_dir, output_name),
-                               validation_log_path(output_dir, output_name) if validation else None,
-                               plot_path(output_dir, output_name), f"{output_name}: loss")
+                               validation_log_path(output_dir, output_name) if validation else None, out,
+                               f"{output_name}: loss")
     except Exception as e:  # noqa: BLE001 - the checkpoint matters, the picture does not
-        logger.warning("could not draw %s: %s", plot_path(output_dir, output_name), e)
+        logger.warning("could not draw %s: %s", out, e)
         return None

@@ -43,8 +43,8 @@ from .loss import flow_matching_loss, sample_generators
 from .metadata import modelspec, training_metadata, weights_metadata
 from .optim import build_optimizer, build_scheduler
 from .outputs import (
-    LossLog, RunLock, checkpoint_name, existing_outputs, keep_copy, loss_log_path, prune, remove_leftovers,
-    validation_log_path,
+    LossLog, RunLock, checkpoint_name, existing_outputs, keep_copy, loss_log_path, loss_plot_path, prune,
+    remove_leftovers, validation_log_path,
 )
 from .plot import update_loss_plot
 from .validation import Validator, check_validation_options, default_sigmas, validation_seed
@@ -425,7 +425,7 @@ def _train(args, mode: Mode, version: ModelVersion, checked: Checked, accelerato
         if args.log_with in ("tensorboard", "all"):
             logger.info("TensorBoard logs in %s (watch the run: tensorboard --logdir %s); the loss is also drawn in "
                         "%s at each save", accelerator.logging_dir, accelerator.logging_dir,
-                        output_dir / f"{args.output_name}_loss.png")
+                        loss_plot_path(output_dir, args.output_name))
     steps_per_epoch = math.ceil(len(dataset) / ga)
     metadata = training_metadata(args, version, mode, checked.cached, checked.configs, total_steps, steps_per_epoch,
                                  num_epochs)
