@@ -30,7 +30,7 @@ def rss(f):
     for line in open("/proc/self/status"):
         if line.startswith(f):
             return int(line.split()[1]) * 1024
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.models.registry import VERSIONS
 from musubi_tuner.memory.fp8 import quantize_linears
 path, way, fp8, device = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
 cuda = device == "cuda"

@@ -173,7 +173,7 @@ if impl == "musubi":
     from musubi_tuner.qwen_image.qwen_image_model import load_qwen_image_model
 else:
     from musubi_tuner.qwen_image.dit import load_dit
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 t0 = time.perf_counter()
 if impl == "musubi":
     m = load_qwen_image_model(device, path, "torch", False, False, False, False, device, torch.bfloat16,

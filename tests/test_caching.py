@@ -13,7 +13,7 @@ from musubi_tuner.errors import UserError
 from musubi_tuner.qwen_image import vae as vae_mod
 from musubi_tuner.qwen_image.text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
 from musubi_tuner.qwen_image.tiny import write_tiny_models
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.models.registry import VERSIONS
 from musubi_tuner.qwen_image_cache_latents import main as cache_latents_main
 from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_te_main
 

@@ -15,7 +15,7 @@ from musubi_tuner.fileio import save_safetensors
 from musubi_tuner.qwen_image import captioning, tiny
 from musubi_tuner.qwen_image.text_encoder import to_comfy_key
 from musubi_tuner.qwen_image.tiny import write_tiny_models
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.models.registry import VERSIONS
 
 # Qwen2.5-VL-Instruct's generation_config.json, with the tiny tokenizer's ids
 QWEN_GENERATION = dict(do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05)
@@ -138,7 +138,7 @@ def test_text_encoder_without_lm_head_is_refused_before_loading(tmp_path, layere
 def test_layered_training_samples_caption_once(tmp_path, monkeypatch):
     from conftest import make_cached_dataset, train_args
 
-    from musubi_tuner.qwen_image import generate
+    from musubi_tuner.qwen_image import generation as generate
     from musubi_tuner.qwen_image_train_network import main as train_main
 
     models = write_tiny_models(tmp_path / "models", VERSIONS["layered"])

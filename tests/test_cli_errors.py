@@ -91,7 +91,7 @@ def test_text_encoder_cpu_and_missing_attention_backend(tmp_path, capsys, tiny_m
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the attention backend was checked")
 
-    monkeypatch.setattr("musubi_tuner.qwen_image.generate.load_text_encoder", no_model)
+    monkeypatch.setattr("musubi_tuner.qwen_image.generation.load_text_encoder", no_model)
     line = run_cli_inprocess(capsys, base_args(tiny_models, tmp_path / "b") + ["--attn_mode", "xformers"])
     assert "--attn_mode xformers" in line and "--attn_mode sdpa" in line
 

@@ -9,7 +9,7 @@ from musubi_tuner.dataset.config import load_dataset_config
 from musubi_tuner.dataset.items import collect_items
 from musubi_tuner.dataset.synthetic import write_shapes_dataset
 from musubi_tuner.errors import UserError
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.models.registry import VERSIONS
 
 
 def write_toml(tmp_path, text):

@@ -47,7 +47,7 @@ def test_documented_options_exist():
     from musubi_tuner import qwen_image_cache_latents, qwen_image_cache_text_encoder_outputs
     from musubi_tuner import caption_images_by_qwen_vl, lora_post_hoc_ema, merge_lora, qwen_extract_lora
     from musubi_tuner import qwen_image_generate_image, qwen_image_train, qwen_image_train_network
-    from musubi_tuner.qwen_image.prompts import _LINE_OPTIONS
+    from musubi_tuner.generation.prompts import _LINE_OPTIONS
 
     known = set()
     for mod in (qwen_image_cache_latents, qwen_image_cache_text_encoder_outputs, qwen_image_generate_image,

@@ -11,7 +11,7 @@ from test_generate import QWEN_IMAGE_SCHEDULER
 
 from musubi_tuner.qwen_image import tiny
 from musubi_tuner.qwen_image.tiny import write_tiny_models
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.models.registry import VERSIONS
 from musubi_tuner.qwen_image_generate_image import main as generate_main
 
 PIPELINES = {"edit": QwenImageEditPipeline, "edit-2509": QwenImageEditPlusPipeline,

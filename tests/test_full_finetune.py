@@ -18,7 +18,7 @@ from transformers.optimization import Adafactor
 from musubi_tuner.fileio import save_safetensors_streaming
 from musubi_tuner.qwen_image.dit import load_dit
 from musubi_tuner.qwen_image.tiny import TINY_DIT
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.models.registry import VERSIONS
 from musubi_tuner.qwen_image_train import main as full_main
 from musubi_tuner.training.full import FusedBackwardStep, stochastic_round_bf16
 

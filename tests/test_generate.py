@@ -113,9 +113,9 @@ def test_prompt_embedding_cache_follows_the_image_content_not_its_identity(tmp_p
     picture that gets a freed one's id, as happened while the judge scored edits) is encoded again."""
     import argparse
 
-    from musubi_tuner.qwen_image.generate import TextEncoderSession
+    from musubi_tuner.qwen_image.generation import TextEncoderSession
     from musubi_tuner.qwen_image.tiny import write_tiny_models
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     version = VERSIONS["edit-2509"]
     models = write_tiny_models(tmp_path, version)

@@ -12,7 +12,7 @@ from musubi_tuner.qwen_image.dit import load_dit
 from musubi_tuner.qwen_image.model_files import COMFY_DIT_PREFIX as COMFY_PREFIX, ZERO_COND_MARKER
 from musubi_tuner.qwen_image.text_encoder import load_text_encoder, load_tokenizer, to_comfy_key
 from musubi_tuner.qwen_image.vae import load_vae
-from musubi_tuner.qwen_image.versions import VERSIONS, resolve_version
+from musubi_tuner.models.registry import VERSIONS, resolve_version
 
 
 def assert_same_state(model, reference):

@@ -323,7 +323,7 @@ def test_training_with_memory_options(tmp_path):
 
 def test_streaming_fp8_load_equals_quantizing_after_load(tiny_models):
     from musubi_tuner.qwen_image.dit import load_dit
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     streamed = load_dit(tiny_models["dit"], VERSIONS["original"], torch.float32, fp8_mode="channel")
     after = load_dit(tiny_models["dit"], VERSIONS["original"], torch.float32)

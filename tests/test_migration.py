@@ -22,8 +22,8 @@ from musubi_tuner.dataset.config import load_dataset_config
 from musubi_tuner.dataset.items import collect_items
 from musubi_tuner.dataset.prepare import prepare_item
 from musubi_tuner.errors import UserError
-from musubi_tuner.qwen_image.prompts import GenerationSpec, read_prompt_file
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.generation.prompts import GenerationSpec, read_prompt_file
+from musubi_tuner.models.registry import VERSIONS
 from musubi_tuner.qwen_image_cache_latents import main as cache_latents_main
 from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_te_main
 from musubi_tuner.qwen_image_generate_image import main as generate_main
@@ -471,7 +471,7 @@ def test_generation_options_from_musubi(tmp_path, data, monkeypatch):
     # model (the outputs agree to float rounding: weights kept as views of the two files lie at different alignments,
     # which CPU matmul kernels may round differently)
     from musubi_tuner.qwen_image.dit import LoraMerge, load_dit
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     fp8 = dict(version=VERSIONS["original"], dtype=torch.float32, fp8_mode="channel")
     streamed = load_dit(models["dit"], loras=[LoraMerge(str(lora), 1.0)], **fp8).state_dict()
@@ -569,13 +569,13 @@ def test_musubi_tracker_options(tmp_path, data, capsys):
 def test_musubi_num_layers_vae_dtype_and_inert_options(tmp_path, data, monkeypatch, caplog, capsys):
     """--num_layers must match the DiT's block count (musubi-tuner loads strictly); --vae_dtype sets the sampling
     VAE's dtype; HunyuanVideo-only options are accepted with a warning and change nothing."""
-    from musubi_tuner.training import sampling
+    from musubi_tuner.qwen_image import vae
 
     models, _ = data
     blocks = len({k.split(".")[1] for k in load_file(str(models["dit"])) if k.startswith("transformer_blocks.")})
     dtypes = []
-    real = sampling.load_vae
-    monkeypatch.setattr(sampling, "load_vae", lambda path, dtype, *a: dtypes.append(dtype) or real(path, dtype, *a))
+    real = vae.load_vae
+    monkeypatch.setattr(vae, "load_vae", lambda path, dtype, *a: dtypes.append(dtype) or real(path, dtype, *a))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle --w 32 --h 32 --s 2\n")
     plain = run(data, tmp_path / "a", "--learning_rate", "0", steps=1)

@@ -68,7 +68,7 @@ def test_shipped_files_are_complete_small_and_load_through_the_normal_loaders():
     from musubi_tuner.qwen_image.dit import load_dit
     from musubi_tuner.qwen_image.model_files import expect
     from musubi_tuner.qwen_image.vae import load_vae
-    from musubi_tuner.qwen_image.versions import VERSIONS as TABLE
+    from musubi_tuner.models.registry import VERSIONS as TABLE
 
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert total <= 40 * 2**20, total
@@ -153,7 +153,7 @@ def test_scripts_use_the_settings_the_nano_files_recommend(tmp_path, caplog):
     from PIL import Image
 
     from musubi_tuner.nano.models import NANO_RECOMMENDED, shipped
-    from musubi_tuner.qwen_image import recommended
+    from musubi_tuner.generation import recommended
     from musubi_tuner.qwen_image_generate_image import main as generate_main
 
     for version in VERSIONS:

@@ -57,8 +57,8 @@ def no_model_loads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the check")
 
-    for target in ("musubi_tuner.training.trainer.load_dit_with_options", "musubi_tuner.qwen_image.generate.load_text_encoder",
-                   "musubi_tuner.qwen_image.generate.load_dit_with_options", "musubi_tuner.training.sampling.encode_all"):
+    for target in ("musubi_tuner.training.trainer.load_dit_with_options", "musubi_tuner.qwen_image.generation.load_text_encoder",
+                   "musubi_tuner.generation.pipeline.load_dit_with_options", "musubi_tuner.training.sampling.encode_prompts"):
         monkeypatch.setattr(target, boom)
 
 
@@ -350,7 +350,7 @@ def test_lora_with_nan_is_refused(tmp_path, capsys, monkeypatch, tiny_models):
 def test_edit_item_does_not_take_another_items_image_as_control(tmp_path):
     from musubi_tuner.dataset.config import load_dataset_config
     from musubi_tuner.dataset.items import collect_items
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     img, ctrl = tmp_path / "img", tmp_path / "ctrl"
     img.mkdir()
@@ -445,8 +445,8 @@ def test_pruning_and_leftovers_match_names_literally(tmp_path, data, name):
 def test_non_utf8_and_malformed_inputs(tmp_path, capsys, monkeypatch):
     from musubi_tuner.dataset.config import load_dataset_config
     from musubi_tuner.dataset.items import collect_items, load_image
-    from musubi_tuner.qwen_image.prompts import GenerationSpec, read_prompt_file
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.generation.prompts import GenerationSpec, read_prompt_file
+    from musubi_tuner.models.registry import VERSIONS
 
     img = tmp_path / "img"
     img.mkdir()
@@ -607,7 +607,7 @@ def test_huge_finite_lora_gives_an_error_not_a_black_image(tmp_path, capsys, tin
 
 
 def test_latent_check_catches_nan_and_absurd_values():
-    from musubi_tuner.qwen_image.generate import check_latents
+    from musubi_tuner.generation.saving import check_latents
 
     check_latents(torch.randn(16, 1, 8, 8) * 5, "ok")
     for bad, words in ((torch.full((16, 1, 8, 8), float("nan")), "not finite"),
@@ -825,11 +825,11 @@ def test_config_file_typo_is_an_error_and_other_architectures_keys_a_warning(tmp
 # 7. generation keeps what it finished -----------------------------------------------------------------------------
 
 def test_interrupted_prompt_file_keeps_every_finished_image(tmp_path, capsys, monkeypatch, tiny_models):
-    from musubi_tuner.qwen_image import generate as G
+    from musubi_tuner.generation import pipeline as G
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i} --d {i}\n" for i in range(5)))
-    real, calls = G.generate_job, []
+    real, calls = G.generate_one, []
 
     def stop_at_third(model, job, index, *a, **k):
         calls.append(index)
@@ -837,7 +837,7 @@ def test_interrupted_prompt_file_keeps_every_finished_image(tmp_path, capsys, mo
             raise KeyboardInterrupt
         return real(model, job, index, *a, **k)
 
-    monkeypatch.setattr(G, "generate_job", stop_at_third)
+    monkeypatch.setattr(G, "generate_one", stop_at_third)
     out = tmp_path / "o"
     argv = [a for a in gen_args(tiny_models, out, "--from_file", str(prompts)) if a not in ("--prompt", "x")]
     with pytest.raises(SystemExit) as e:

@@ -112,7 +112,7 @@ def test_merge_lora_keeps_the_layout_and_equals_generating_with_the_lora(tmp_pat
 
     from musubi_tuner.merge_lora import main as merge_main
     from musubi_tuner.qwen_image.dit import LoraMerge, load_dit
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
     from musubi_tuner.qwen_image_generate_image import main as generate_main
 
     v = VERSIONS["original"]
@@ -173,7 +173,7 @@ def test_extracted_lora_reconstructs_the_finetune(tmp_path, tiny_models, capsys)
     from musubi_tuner.qwen_extract_lora import main as extract_main
     from musubi_tuner.qwen_image.dit import LoraMerge, load_dit
     from musubi_tuner.qwen_image.model_files import COMFY_DIT_PREFIX
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     v = VERSIONS["original"]
     base = load_dit(tiny_models["dit"], v, torch.float32)
@@ -234,7 +234,7 @@ def test_merge_lora_fp8_scaled_writes_comfyuis_layout(tmp_path, tiny_models, cap
     from musubi_tuner.merge_lora import main as merge_main
     from musubi_tuner.qwen_image.dit import LoraMerge, load_dit
     from musubi_tuner.qwen_image.model_files import COMFY_DIT_PREFIX
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     v = VERSIONS["original"]
     base = load_dit(tiny_models["dit"], v, torch.float32)

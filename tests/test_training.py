@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from musubi_tuner.dataset.cache import read_latent_cache
 from musubi_tuner.qwen_image import denoise
 from musubi_tuner.qwen_image.dit import load_dit
-from musubi_tuner.qwen_image.versions import VERSIONS
+from musubi_tuner.models.registry import VERSIONS
 from musubi_tuner.qwen_image_generate_image import main as generate_main
 from musubi_tuner.qwen_image_train_network import main as train_main
 from musubi_tuner.training import trainer as trainer_mod
@@ -31,7 +31,7 @@ def test_one_step_per_version(tmp_path, version, monkeypatch):
                      additional_t_cond))
         return out
 
-    monkeypatch.setattr("musubi_tuner.training.loss.predict_velocity", spy)
+    monkeypatch.setattr("musubi_tuner.qwen_image.loss.predict_velocity", spy)
     extra = ["--remove_first_image_from_target"] if version.endswith("remove-first") else []
     result = train_main(train_args(models, toml, tmp_path / "out", name, "--max_train_steps", "1",
                                    "--learning_rate", "1e-2", "--network_dim", "4", *extra))
@@ -39,10 +39,10 @@ def test_one_step_per_version(tmp_path, version, monkeypatch):
     noisy, ref, out, shapes, extra_t = seen[0]
     assert out == noisy  # the loss covers the target tokens only (shapes)
     v = VERSIONS[name]
-    if v.is_edit:
+    if v.controls == "required":
         n_ctrl = {"edit": 1}.get(name, 2)
         assert ref is not None and len(shapes) == 1 + n_ctrl and noisy[1] == 16
-    if v.is_layered:
+    if v.layer_targets:
         frames = 2 if extra else 3  # composite + 2 layers, or layers only
         assert len(shapes) == frames + 1 and noisy[1] == 16 * frames and extra_t is not None
     # only LoRA parameters changed: the base DiT file is untouched and the LoRA is non-zero

@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from musubi_tuner.fileio import save_safetensors
-from musubi_tuner.qwen_image import tiny, v21
+from musubi_tuner.qwen_image import tiny
+from musubi_tuner.qwen_image_21 import modeling as v21
 from musubi_tuner.qwen_image_generate_image import main as generate_main
 
 SAMPLE_SIGMAS = [1.0, 0.8, 0.55, 0.3, 0.1]
@@ -338,7 +339,7 @@ def test_batched_loss_equals_each_sample_alone(tmp_path, ckpt):
     from musubi_tuner.dataset.config import load_dataset_config
     from musubi_tuner.dataset.items import collect_items
     from musubi_tuner.dataset.loader import check_caches, load_items
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
     from musubi_tuner.training.loss import per_sample_loss
 
     toml = write_overfit_dataset(tmp_path, ckpt)

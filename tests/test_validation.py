@@ -24,7 +24,7 @@ def test_held_out_split_is_seeded_and_never_trained(tmp_path, monkeypatch):
     from musubi_tuner.dataset.config import load_dataset_config
     from musubi_tuner.dataset.holdout import split_items
     from musubi_tuner.dataset.items import collect_items
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     models, toml = make_cached_dataset(tmp_path, "original", n=8, batch_size=2, colours=["red"])
     toml.write_text(toml.read_text().replace("batch_size = 2", "batch_size = 2\nvalidation_split = 0.25"))
@@ -63,7 +63,7 @@ def test_passes_are_repeatable_and_leave_training_unchanged(tmp_path):
 
     from musubi_tuner.dataset.loader import check_caches
     from musubi_tuner.qwen_image.dit import load_dit
-    from musubi_tuner.qwen_image.versions import VERSIONS
+    from musubi_tuner.models.registry import VERSIONS
 
     models, toml = make_cached_dataset(tmp_path, "original", n=4, batch_size=2)
     base = train_args(models, toml, tmp_path / "plain", "original", *LORA, "--max_train_steps", "6")

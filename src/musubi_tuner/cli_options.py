@@ -6,7 +6,8 @@ import argparse
 
 from .errors import UserError
 from .fileio import DTYPE_NAMES
-from .qwen_image.versions import VERSIONS, ModelVersion, resolve_version
+from .models.registry import VERSIONS, resolve_version
+from .models.version import ModelVersion
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -30,7 +30,7 @@ def main(argv=None):
     from safetensors import safe_open
 
     from musubi_tuner.networks.lora_files import canonical_lora, save_lora
-    from musubi_tuner.qwen_image.dit import linear_names
+    from musubi_tuner.models.registry import lora_family
     from musubi_tuner.qwen_image.model_files import expect
     from musubi_tuner.qwen_image.weights import load_tensors
 
@@ -42,12 +42,7 @@ def main(argv=None):
         metadata = f.metadata() or {}
     blocks = [int(m[1]) for k in state if (m := re.search(r"transformer_blocks[._](\d+)[._]", k))]
     num_layers = max(blocks, default=0) + 1
-    if metadata.get("ss_model_version") == "2.1" or any("gate_layer" in k for k in state):  # Qwen-Image-2.1
-        from musubi_tuner.qwen_image.v21 import linear_names as v21_linear_names
-
-        names = v21_linear_names(num_layers)
-    else:
-        names = linear_names(num_layers)
+    names = lora_family(metadata, state).linear_names(num_layers)
     lora = canonical_lora(state, names, source=args.input)
     dtype = next(iter(state.values())).dtype
     save_lora(lora, args.output, TARGETS[args.target], {**metadata, "converted_to": args.target},

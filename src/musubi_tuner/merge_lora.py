@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None):
     args = opts.parse_args(build_parser(), argv)
-    from musubi_tuner.qwen_image.versions import resolve_version
+    from musubi_tuner.models.registry import resolve_version
     from musubi_tuner.tools.merge import merge_into_dit
 
     version = resolve_version(args.model_version, False, False)

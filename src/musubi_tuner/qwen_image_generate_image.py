@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = opts.parse_args(build_parser(), argv)
     version = opts.version_from_args(args)
-    from musubi_tuner.qwen_image.generate import run
+    from musubi_tuner.generation.pipeline import run
 
     return run(args, version)
 

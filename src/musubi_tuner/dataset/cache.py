@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import plural
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 from .items import ImageItem
 from .prepare import control_mode, image_size
 

@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..fileio import check_writable_folder, save_safetensors
 from ..memory.budget import check_vae_encode_fits
-from ..qwen_image.generate import compute_setup
+from ..memory.device import compute_setup
+from ..models.registry import family_of
 from ..qwen_image.model_files import expect
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 from .cache import (
-    IMAGE_SLOTS_KEY, dtype_name, latent_cache_path, latent_file_metadata, latent_metadata, latent_status, latent_tensors, model_id,
+    dtype_name, latent_cache_path, latent_file_metadata, latent_metadata, latent_status, latent_tensors, model_id,
     remove_orphans,
     text_cache_path, text_file_metadata, text_metadata, text_status,
 )
@@ -89,7 +90,7 @@ def _prepared(entries, version: ModelVersion, workers: int, with_targets: bool =
 
 
 def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
-    from ..qwen_image.vae import encode, load_vae
+    from ..qwen_image.vae import encode
 
     if getattr(args, "vae_dtype", None):
         raise UserError("--vae_dtype is not supported for Qwen-Image (as in musubi-tuner): the VAE runs in the compute "
@@ -128,12 +129,7 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
     with tqdm(total=len(todo), desc="caching latents", unit="item") as bar:
         for batch in batches:
             if vae is None:
-                if version.is_v21:
-                    from ..qwen_image.v21 import load_vae as load_v21_vae
-
-                    vae = load_v21_vae(args.vae, dtype, device)
-                else:
-                    vae = load_vae(args.vae, dtype, device, version.vae_channels)
+                vae = family_of(version).load_vae(args.vae, version, dtype, device)
                 if args.vae_enable_tiling:
                     vae.enable_tiling()
             prepared = [p for _, p in _prepared(batch, version, workers)]
@@ -149,8 +145,7 @@ def cache_latents(args: argparse.Namespace, version: ModelVersion) -> dict:
 
 
 def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) -> dict:
-    from ..qwen_image.text_encoder import encode_prompts, load_processor, load_text_encoder, load_tokenizer
-
+    """Items whose prompt reads their control images are encoded one at a time, the others in batches."""
     items = collect_items(load_dataset_config(args.dataset_config), version)
     expect(args.text_encoder, "--text_encoder", "text_encoder", version)
     check_cache_folders(items)
@@ -158,62 +153,23 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
     produced, todo, skipped, foreign = _plan(items, lambda it: text_cache_path(it, version),
                                              lambda it: text_metadata(it, version, te_id), text_status,
                                              args.skip_existing, "text")
-    if version.is_v21:
-        return _cache_v21_text(args, version, items, produced, todo, skipped, foreign)
-    batch_size = args.batch_size if not version.is_edit else 1  # edit prompts carry their own images
-    te = processor = None
     device, dtype = compute_setup(args.device)
     workers = getattr(args, "num_workers", None) or 1
-    with tqdm(total=len(todo), desc="caching text encoder outputs", unit="item") as bar:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            if te is None:
-                processor = load_processor(load_tokenizer(args.tokenizer, args.text_encoder), args.tokenizer,
-                                           args.text_encoder)
-                te = load_text_encoder(args.text_encoder, dtype, device)
-                if args.fp8_vl:
-                    from ..qwen_image.generate import quantize_text_encoder
-
-                    quantize_text_encoder(te, device)
-            images = None
-            if version.is_edit:
-                images = [p.control_images for _, p in _prepared(batch, version, workers, with_targets=False)]
-            embeds = encode_prompts(te, processor, [it.caption for it, _, _ in batch], version.template, device, images)
-            for (item, path, meta), e in zip(batch, embeds):
-                e = e.to("cpu", CACHE_TEXT_DTYPE).contiguous()
-                save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e}, path,
-                                 text_file_metadata(item, version, meta))
-                bar.update(1)
-    return _finish(items, produced, version, "text", args.keep_cache, len(todo), skipped, foreign)
-
-
-def _cache_v21_text(args, version: ModelVersion, items, produced, todo, skipped, foreign) -> dict:
-    """Qwen-Image-2.1: Qwen3-VL embeddings and the image-slot mask; items with condition images one at a time (each
-    prompt reads its own images), the others in batches."""
-    from ..qwen_image import v21
-
-    device, dtype = compute_setup(args.device)
-    workers = getattr(args, "num_workers", None) or 1
-    te = processor = None
-    plain = [e for e in todo if not e[0].controls]
-    batches = [plain[i:i + args.batch_size] for i in range(0, len(plain), args.batch_size)]
-    batches += [[e] for e in todo if e[0].controls]
+    reads_images = [e for e in todo if version.uses_controls and e[0].controls]
+    plain = [e for e in todo if not (version.uses_controls and e[0].controls)]
+    batches = [plain[i:i + args.batch_size] for i in range(0, len(plain), args.batch_size)] + [[e] for e in reads_images]
+    encode = None
     with tqdm(total=len(todo), desc="caching text encoder outputs", unit="item") as bar:
         for batch in batches:
-            if te is None:
-                processor = v21.load_processor(args.tokenizer, args.text_encoder)
-                te = v21.load_text_encoder(args.text_encoder, dtype, device, tokenizer=processor.tokenizer)
-                if args.fp8_vl:
-                    from ..qwen_image.generate import quantize_text_encoder
-
-                    quantize_text_encoder(te, device)
+            if encode is None:
+                encode = family_of(version).cache_text_encoder(args, version, device, dtype)
             images = None
-            if batch[0][0].controls:
-                images = [p.control_images for _, p in _prepared(batch, version, workers, with_targets=False)][0]
-            encoded = v21.encode_prompts(te, processor, [it.caption for it, _, _ in batch], images, device)
-            for (item, path, meta), (e, slots) in zip(batch, encoded):
+            if version.uses_controls and batch[0][0].controls:  # one item: its prompt reads its images
+                images = next(_prepared(batch, version, workers, with_targets=False))[1].control_images
+            encoded = encode([it.caption for it, _, _ in batch], images)
+            for (item, path, meta), (e, extra) in zip(batch, encoded):
                 e = e.to("cpu", CACHE_TEXT_DTYPE).contiguous()
-                save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e, IMAGE_SLOTS_KEY: slots.cpu().to(torch.uint8)},
-                                 path, text_file_metadata(item, version, meta))
+                save_safetensors({f"varlen_vl_embed_{dtype_name(e)}": e, **extra}, path,
+                                 text_file_metadata(item, version, meta))
                 bar.update(1)
     return _finish(items, produced, version, "text", args.keep_cache, len(todo), skipped, foreign)

@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fileio import save_image
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 from .cache import latent_cache_path
 from .items import ImageItem
 from .prepare import image_size, prepare_item
 
 
 def show_dataset(items: list[ImageItem], version: ModelVersion, mode: str, args) -> dict:
-    from ..qwen_image.generate import to_pil
+    from ..generation.saving import to_pil
 
     written = []
     for it in items:

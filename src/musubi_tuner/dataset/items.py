@@ -18,7 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError, plural
 from ..fileio import read_text
-from ..qwen_image.versions import ModelVersion
+from ..models.registry import VERSIONS
+from ..models.version import ModelVersion
 from .config import DatasetConfig
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def collect_items(configs: list[DatasetConfig], version: ModelVersion) -> list[I
     """Every item of every dataset, validated against the model version; errors name the file and the fix."""
     all_items: list[ImageItem] = []
     for cfg in configs:
-        if version.is_layered and not cfg.multiple_target:
+        if version.layer_targets and not cfg.multiple_target:
             raise UserError(f"{cfg.where}: --model_version layered needs multiple_target = true in the dataset config")
         items = _from_directory(cfg) if cfg.image_directory else _from_jsonl(cfg)
         if not items:
@@ -187,19 +188,22 @@ def _validate(items: list[ImageItem], cfg: DatasetConfig, version: ModelVersion)
     w = cfg.where
     if version.uses_controls:
         for it in items:
-            if not it.controls and version.is_edit:
+            if not it.controls and version.controls == "required":
                 raise UserError(f"{w}: {it.targets[0]} has no control image (set control_directory or control_path) "
                                 f"but --model_version {version.name} needs one")
-            if version.template == "edit" and len(it.controls) != 1:
-                raise UserError(f"{w}: {it.targets[0]} has {plural(len(it.controls), 'control image')}; --model_version edit "
-                                "takes exactly one (use edit-2509/edit-2511 for several)")
+            if version.max_controls is not None and len(it.controls) > version.max_controls:
+                others = [v.name for v in VERSIONS.values() if v.family == version.family and v.uses_controls
+                          and (v.max_controls is None or v.max_controls > version.max_controls)]
+                raise UserError(f"{w}: {it.targets[0]} has {plural(len(it.controls), 'control image')}; --model_version "
+                                f"{version.name} takes {'exactly one' if version.max_controls == 1 else version.max_controls}"
+                                + (f" (use {'/'.join(others)} for more)" if others else ""))
         counts = {len(it.controls) for it in items}
         if len(counts) > 1 and cfg.batch_size > 1:
             bad = next(it for it in items if len(it.controls) != len(items[0].controls))
             raise UserError(f"{w}: {bad.targets[0]} has {plural(len(bad.controls), 'control image')} but "
                             f"{items[0].targets[0]} has {len(items[0].controls)}; with batch_size > 1 every item "
                             "needs the same number")
-    if version.is_layered:
+    if version.layer_targets:
         for it in items:
             if len(it.targets) != len(items[0].targets):
                 raise UserError(f"{w}: {it.targets[0]} has {plural(len(it.targets) - 1, 'layer')} but {items[0].targets[0]} "

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..qwen_image.text_encoder import pad_embeds
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 from .cache import (
     cache_shapes, latent_cache_path, latent_metadata, latent_status, model_id, read_image_slots, read_latent_cache,
     read_text_cache,

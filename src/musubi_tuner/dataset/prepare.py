@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 from .buckets import area_bucket, crop_to_multiple, resize_crop, select_bucket, to_tensor
 from .config import DatasetConfig
 from .items import ImageItem, load_image
@@ -69,6 +69,6 @@ def prepare_item(item: ImageItem, version: ModelVersion, with_targets: bool = Tr
     if with_targets:
         frames = [to_tensor(resize_crop(load_image(p, mode), bucket)) for p in item.targets]
         targets = torch.stack(frames, dim=1)
-    control_images = [prepare_control(load_image(p, "RGBA" if version.is_v21 else "RGB"), item.config, bucket,
+    control_images = [prepare_control(load_image(p, version.control_pixels), item.config, bucket,
                                       version.bucket_step) for p in item.controls]
     return PreparedItem(bucket, targets, [to_tensor(c) for c in control_images], control_images)

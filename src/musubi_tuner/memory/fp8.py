@@ -169,3 +169,13 @@ def quantize_linears(model: nn.Module, prefix: str = "transformer_blocks.", mode
 
 def is_quantized_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and m.weight.dtype == FP8
+
+
+def quantize_text_encoder(te: nn.Module, device) -> None:
+    """--fp8_vl: fp8 (per-channel scaled) weights for the Linear layers of the language model and vision tower
+    (Qwen2.5-VL, or Qwen3-VL whose names have no `model.`)."""
+    root = "model." if hasattr(te, "model") else ""
+    errors = quantize_linears(te, prefix=root + "language_model.layers.", device=device)
+    errors.update(quantize_linears(te, prefix=root + "visual.blocks.", device=device))
+    logger.info("fp8_vl: %d Linear layers quantised (worst relative RMS error %.4f)", len(errors),
+                max(errors.values(), default=0.0))

@@ -9,8 +9,9 @@ import logging
 import torch
 
 from ..errors import UserError
-from ..qwen_image.dit import LoraMerge, load_dit
-from ..qwen_image.versions import ModelVersion
+from ..models.registry import family_of
+from ..qwen_image.dit import LoraMerge
+from ..models.version import ModelVersion
 from .attention import enable_checkpointing, enable_split_attention
 from .block_swap import enable_block_swap
 
@@ -37,7 +38,7 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
             raise UserError(f"--blocks_to_swap must be between 1 and {n - 1} for this DiT ({n} blocks), got {swap}")
 
     mode = fp8_mode(args)
-    model = dit_loader(version)(args.dit, version, dtype, "cpu" if swap else device,
+    model = family_of(version).load_dit(args.dit, version, dtype, "cpu" if swap else device,
                    disable_mmap=getattr(args, "disable_numpy_memmap", False), fp8_mode=mode, compute_device=device,
                    check_config=check_swap, loras=lora_merges_from_args(args))
     if mode:
@@ -52,15 +53,6 @@ def load_dit_with_options(args, version: ModelVersion, dtype: torch.dtype, devic
     if getattr(args, "compile", False):
         compile_blocks(model.transformer_blocks, args)
     return model, swapper
-
-
-def dit_loader(version: ModelVersion):
-    """load_dit, or 2.1's loader (the same arguments)."""
-    if not version.is_v21:
-        return load_dit
-    from ..qwen_image.v21 import load_dit as load_v21
-
-    return lambda path, _version, *a, **k: load_v21(path, *a, **k)
 
 
 def lora_merges_from_args(args) -> list[LoraMerge]:

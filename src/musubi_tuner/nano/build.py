@@ -27,7 +27,7 @@ from ..dataset.synthetic import (
 )
 from ..errors import UserError
 from ..fileio import atomic_path, save_safetensors, temp_folder
-from ..qwen_image.versions import VERSIONS
+from ..models.registry import VERSIONS
 from . import evaluate as ev
 from .models import IMAGE_SIZE, nano_dit, nano_vae, stamp_recommended, write_text_encoder
 from .vae_training import evaluate_vae, latent_statistics, train_vae

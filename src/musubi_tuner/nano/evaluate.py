@@ -20,10 +20,12 @@ from PIL import Image
 from ..dataset.synthetic import Scene, caption, random_edit, random_layered_scene, random_scene, render, render_layers
 from ..qwen_image import edit as E
 from ..qwen_image.dit import LoraMerge, load_dit
-from ..qwen_image.generate import Job, TextEncoderSession, denoise, encode_controls, to_pil
-from ..qwen_image.prompts import GenerationSpec
+from ..generation.prompts import GenerationSpec
+from ..generation.saving import to_pil
+from ..qwen_image.generation import Job, TextEncoderSession, denoise, encode_controls
 from ..qwen_image.vae import decode, load_vae
-from ..qwen_image.versions import VERSIONS, ModelVersion
+from ..models.registry import VERSIONS
+from ..models.version import ModelVersion
 from .judge import Reading, read
 from .models import IMAGE_SIZE
 
@@ -57,7 +59,7 @@ class NanoGenerator:
             job.controls = list(controls)
             job.prepared = [E.prepare_control(c, "native", None) for c in controls]
             encode_controls(self.vae, [job], self.version)
-        job.encoded = self.text.encode_spec(spec, job.controls if self.version.is_edit else [])
+        self.text.encode_job(job)
         lat = denoise(self.model, spec, job.encoded, self.device, self.dtype, self.version, job, progress=False)
         frames = [decode(self.vae, lat[:, :, f:f + 1])[0, :, 0] for f in range(lat.shape[2])]
         if self.progress is not None:

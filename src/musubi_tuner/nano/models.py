@@ -22,7 +22,7 @@ from ..dataset.synthetic import (
 from ..qwen_image.dit import default_axes_dims_rope
 from ..qwen_image.text_encoder import PLUS_IMAGE_PREFIX, TEMPLATES
 from ..qwen_image.tiny import SPECIAL_TOKENS, TINY_IMAGE_PROCESSOR, small_qwen_vl_config, write_processor_config
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 
 IMAGE_SIZE = 64
 TEXT_HIDDEN = 128
@@ -164,7 +164,7 @@ def stamp_recommended(src: Path, dst: Path) -> Path:
     from safetensors import safe_open
 
     from ..fileio import save_safetensors
-    from ..qwen_image.recommended import METADATA_KEY
+    from ..generation.recommended import METADATA_KEY
 
     with safe_open(str(src), "pt") as f:
         metadata = dict(f.metadata() or {})

@@ -20,7 +20,7 @@ from diffusers import QwenImageTransformer2DModel
 
 from ..errors import UserError
 from .model_files import ADDITIONAL_T_KEY, dit_blocks, expect, strip_dit_prefix
-from .versions import ModelVersion
+from ..models.version import ModelVersion
 from .weights import load_tensors
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from ..dataset.items import load_image
 from ..errors import UserError
 from ..fileio import save_image
 from .latents import unpack
-from .versions import ModelVersion
+from ..models.version import ModelVersion
+from .versions import is_edit, is_layered
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,12 @@ def load_controls(paths: list[str], version: ModelVersion) -> list[Image.Image]:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise UserError(f"--control_image_path: file not found: {missing[0]}")
-    return [load_image(Path(p), "RGBA" if version.is_layered else "RGB") for p in paths]
+    return [load_image(Path(p), "RGBA" if is_layered(version) else "RGB") for p in paths]
 
 
 def default_output_hw(version: ModelVersion, first: Image.Image, mode: str) -> tuple[int, int]:
     """Output (H, W) when --image_size is not given: from the first control image."""
-    if version.is_layered:
+    if is_layered(version):
         w, h = area_dimensions(LAYERED_AREA, first.size)
     elif mode == "native":
         w, h = control_size(first.size, "native", None)
@@ -82,11 +83,11 @@ def check_controls(version: ModelVersion, n: int, mode: str, where: str = "--con
                    advise: bool = True) -> None:
     """Control-image counts per version; `advise`: warn when Edit-2511 controls are not at the official size (off
     when the DiT file recommends its own sizing)."""
-    if (version.is_edit or version.is_layered) and n == 0:
+    if (is_edit(version) or is_layered(version)) and n == 0:
         raise UserError(f"{where}: --model_version {version.name} needs a control image")
     if version.template == "edit" and n != 1:
         raise UserError(f"{where}: --model_version edit takes exactly one control image, got {n}")
-    if version.is_layered and n != 1:
+    if is_layered(version) and n != 1:
         raise UserError(f"{where}: --model_version layered takes exactly one image to decompose, got {n}")
     if version.template == "edit_plus" and n > MAX_OFFICIAL_CONTROLS:
         logger.warning("%d control images: the official maximum is %d; results beyond that are unverified", n,

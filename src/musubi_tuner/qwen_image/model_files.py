@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .versions import ModelVersion
+from ..models.registry import family_of
+from ..models.version import ModelVersion
 from .weights import read_header, refuse_fp8, resolve_files
 
 COMFY_DIT_PREFIX = "model.diffusion_model."
@@ -59,6 +60,9 @@ def is_wan_vae_layout(keys) -> bool:
     return "conv1.bias" in keys or any(k.startswith("encoder.downsamples.") for k in keys)
 
 
+QI, V21 = "qwen_image", "qwen_image_21"  # the families whose files this module recognises
+
+
 @dataclass
 class ModelFile:
     kind: str  # dit | vae | text_encoder | lora | train_state | unknown
@@ -69,7 +73,11 @@ class ModelFile:
     vae_channels: int | None = None
     layered: bool = False  # a DiT with the Layered timestep embedding
     zero_cond_marker: bool = False  # the ComfyUI Edit-2511 marker
-    v21: bool = False  # a Qwen-Image-2.1 DiT or VAE, or a Qwen3-VL text encoder
+    family: str = "qwen_image"  # the model family the file belongs to (models/registry.py)
+
+    @property
+    def v21(self) -> bool:
+        return self.family == V21
 
     @property
     def dit_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -98,14 +106,15 @@ def classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, dict]:
         return "lora", {}
     stripped = {k[len(COMFY_DIT_PREFIX):] if k.startswith(COMFY_DIT_PREFIX) else k for k in keys}
     if "img_in.weight" in stripped and any(k.startswith("transformer_blocks.0.") for k in stripped):
-        return "dit", {"layered": ADDITIONAL_T_KEY in stripped, "v21": "modulation.1.weight" in stripped,
+        return "dit", {"layered": ADDITIONAL_T_KEY in stripped, "family": V21 if "modulation.1.weight" in stripped else QI,
                        "zero_cond_marker": ZERO_COND_MARKER in stripped}
     if is_wan_vae_layout(keys) or "encoder.conv_in.weight" in keys:
         conv = shapes.get("encoder.conv_in.weight") or shapes.get("encoder.conv1.weight")
         return "vae", {"vae_channels": conv[1] if conv and len(conv) > 1 else None,
-                       "v21": conv is not None and len(conv) == 4}  # 2.1's convolutions are 2D
+                       "family": V21 if conv is not None and len(conv) == 4 else QI}  # 2.1's convolutions are 2D
     if "model.embed_tokens.weight" in keys or "model.language_model.embed_tokens.weight" in keys:
-        return "text_encoder", {"v21": any(k.endswith("layers.0.self_attn.q_norm.weight") for k in keys)}
+        return "text_encoder", {"family": V21 if any(k.endswith("layers.0.self_attn.q_norm.weight") for k in keys)
+                                else QI}
     return "unknown", {}
 
 
@@ -122,11 +131,11 @@ _WANTED = {"dit": "the Qwen-Image DiT (diffusion model)", "vae": "the Qwen-Image
 
 def _hint(kind: str, version: ModelVersion | None) -> str:
     if kind == "dit":
-        return DIT_FILE_HINT[version.name if version else "original"]
+        return DIT_FILE_HINT.get(version.name if version else "original", f"the {version and version.modelspec_arch} DiT")
     if kind == "vae":
-        return V21_VAE_HINT if version and version.is_v21 else VAE_FILE_HINT[version.vae_channels if version else 3]
+        return V21_VAE_HINT if version and version.family == V21 else VAE_FILE_HINT[version.vae_channels if version else 3]
     if kind == "text_encoder":
-        return V21_TE_HINT if version and version.is_v21 else TE_FILE_HINT
+        return V21_TE_HINT if version and version.family == V21 else TE_FILE_HINT
     return "a LoRA file written by a trainer (kohya lora_unet_* or diffusers lora_A/lora_B keys)"
 
 
@@ -147,19 +156,19 @@ def expect(path: str | os.PathLike, option: str, kind: str, version: ModelVersio
             raise UserError(f"{option}: {first} is {what}, not a LoRA; use the LoRA file saved beside the state "
                             "folder (<output_name>….safetensors), or continue training with --resume <state folder>")
         raise UserError(f"{option}: {first} is {what}, not {_WANTED[kind]}. Pass {_hint(kind, version)}")
-    if kind in ("dit", "vae", "text_encoder") and version is not None and info.v21 != version.is_v21:
-        if version.is_v21:
-            raise UserError(f"{option}: {first} is {info.describe()}, not one of Qwen-Image-2.1. Pass "
+    if kind in ("dit", "vae", "text_encoder") and version is not None and not family_of(version).accepts_file(info):
+        if not info.v21:
+            raise UserError(f"{option}: {first} is {info.describe()}, not one of {version.modelspec_arch}. Pass "
                             f"{_hint(kind, version)}")
         raise UserError(f"{option}: {first} is {info.describe()}; pass --model_version 2.1, or {_hint(kind, version)}")
     if kind == "dit" and version is not None:
-        refuse_fp8(info.files, info.dtypes, option, DIT_FILE_HINT[version.name])
+        refuse_fp8(info.files, info.dtypes, option, _hint("dit", version))
         if info.layered != version.additional_t_cond:
             if version.additional_t_cond:
                 raise UserError(f"{option}: {first} has no {ADDITIONAL_T_KEY}; it is not a Qwen-Image-Layered DiT. "
                                 "Pass the layered DiT or another --model_version")
             raise UserError(f"{option}: {first} is a Qwen-Image-Layered DiT; pass --model_version layered")
-    if kind == "vae" and version is not None and not version.is_v21 and info.vae_channels != version.vae_channels:
+    if kind == "vae" and version is not None and info.family == QI and info.vae_channels != version.vae_channels:
         raise UserError(f"{option}: {first} is {info.describe()} but --model_version {version.name} needs "
                         f"{version.vae_channels} channels; pass {VAE_FILE_HINT[version.vae_channels]}")
     if kind == "text_encoder":

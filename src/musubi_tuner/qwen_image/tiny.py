@@ -14,7 +14,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 
 from .dit import default_axes_dims_rope
 from .text_encoder import to_comfy_key
-from .versions import VERSIONS, ModelVersion
+from ..models.registry import VERSIONS
+from ..models.version import ModelVersion
 from ..fileio import save_safetensors
 
 TEXT_HIDDEN = 256
@@ -220,7 +221,7 @@ def write_tiny_v21(folder: str | Path, seed: int = 0, sample_sigmas: list[float]
     processor = tiny_v21_processor()
     processor.save_pretrained(paths["tokenizer"])
     tiny_v21_text_encoder(processor.tokenizer, seed).save_pretrained(paths["text_encoder"])
-    from .v21 import DEFAULT_SCHEDULER
+    from ..qwen_image_21.modeling import DEFAULT_SCHEDULER
 
     FlowMatchEulerDiscreteScheduler(**DEFAULT_SCHEDULER).save_pretrained(folder / "scheduler")
     index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1",

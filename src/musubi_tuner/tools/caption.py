@@ -91,7 +91,7 @@ class Captioner:
         self.processor = load_processor(load_tokenizer(tokenizer, model_path), tokenizer, model_path)
         self.model = load_text_encoder(model_path, dtype, device)
         if fp8_vl:
-            from ..qwen_image.generate import quantize_text_encoder
+            from ..memory.fp8 import quantize_text_encoder
 
             quantize_text_encoder(self.model, device)
         self.max_size = max_size

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..fileio import DTYPE_NAMES, atomic_path, check_writable_folder, save_safetensors_streaming, temp_folder
 from ..networks.lora_files import check_multipliers
 from ..qwen_image.model_files import COMFY_DIT_PREFIX, ZERO_COND_MARKER, expect
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 
 logger = logging.getLogger(__name__)
 
@@ -88,27 +88,28 @@ def comfy_scaled_fp8(sd: dict[str, torch.Tensor], linear_weights: set[str], pref
 def merge_into_dit(dit: str, loras: list[str], multipliers: list[float] | None, output: str, version: ModelVersion,
                    precision: str | None = None, include: list[str] | None = None,
                    exclude: list[str] | None = None, fp8_scaled: bool = False) -> Path:
-    from ..memory.placement import dit_loader
+    from ..models.registry import family_of
     from ..qwen_image.dit import LoraMerge
 
     info, sharded = plan(dit, loras, multipliers, output, version, precision)
-    if fp8_scaled and (sharded or version.is_v21):
-        raise UserError("--fp8_scaled writes ComfyUI's single-file scaled fp8 layout: give a single-file Qwen-Image DiT "
-                        "(not diffusers shards or 2.1)")
+    family = family_of(version)
+    if fp8_scaled and (sharded or not family.comfy_single_file):
+        raise UserError(f"--fp8_scaled writes ComfyUI's single-file scaled fp8 layout: give a single-file DiT of a model "
+                        f"ComfyUI reads that way (not diffusers shards{'' if family.comfy_single_file else ' or ' + version.modelspec_arch})")
     file_dtype = next((d for k, d in info.dtypes.items() if k.endswith("img_in.weight")), torch.bfloat16)
     dtype = DTYPE_NAMES[precision] if precision else file_dtype
     mults = list(multipliers or [1.0])
     merges = [LoraMerge(str(p), mults[i] if i < len(mults) else mults[-1], "--lora_weight", include, exclude)
               for i, p in enumerate(loras)]
-    model = dit_loader(version)(dit, version, dtype, "cpu", loras=merges)
+    model = family.load_dit(dit, version, dtype, "cpu", loras=merges)
     sd = model.state_dict()
     md = {"merged_from": Path(dit).name, "loras": "|".join(Path(p).name for p in loras),
           "lora_multipliers": "|".join(str(m.multiplier) for m in merges), "model_version": version.name}
     if sharded:
         out = write_shards(sd, Path(output), model.to_json_string(), md)
     else:
-        # 2.1's model holds diffusers names (its ComfyUI files fuse gate_up): written as diffusers names
-        prefix = COMFY_DIT_PREFIX if not version.is_v21 and any(k.startswith(COMFY_DIT_PREFIX) for k in info.shapes) \
+        # a family whose model holds diffusers names only (2.1: its ComfyUI files fuse gate_up) writes those
+        prefix = COMFY_DIT_PREFIX if family.comfy_single_file and any(k.startswith(COMFY_DIT_PREFIX) for k in info.shapes) \
             else ""
         if version.zero_cond_t:
             sd = {**sd, ZERO_COND_MARKER: torch.tensor([])}

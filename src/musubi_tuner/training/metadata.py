@@ -9,20 +9,9 @@ import random
 import time
 from pathlib import Path
 
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 
 MINIMUM_KEYS = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
-MODELSPEC_ARCH = {"original": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus",
-                  "edit-2511": "Qwen-Image-Edit-2511", "layered": "Qwen-Image-Layered", "2.1": "Qwen-Image-2.1"}
-IMPLEMENTATION = {"layered": "https://github.com/QwenLM/Qwen-Image-Layered"}
-DEFAULT_IMPLEMENTATION = "https://github.com/QwenLM/Qwen-Image"
-
-
-def base_model_version(version: ModelVersion) -> str:
-    """musubi-tuner's architecture names (Edit, Edit-2509 and Edit-2511 share one)."""
-    if version.is_v21:  # not a musubi-tuner architecture
-        return "qwen_image_2_1"
-    return "qwen_image_layered" if version.is_layered else "qwen_image_edit" if version.is_edit else "qwen_image"
 
 
 def training_metadata(args, version: ModelVersion, mode, cached, configs, total_steps: int, steps_per_epoch: int,
@@ -51,7 +40,7 @@ def training_metadata(args, version: ModelVersion, mode, cached, configs, total_
         "ss_gradient_accumulation_steps": args.gradient_accumulation_steps, "ss_max_train_steps": total_steps,
         "ss_max_train_epochs": args.max_train_epochs, "ss_lr_warmup_steps": args.lr_warmup_steps,
         "ss_lr_scheduler": args.lr_scheduler_type or args.lr_scheduler,
-        "ss_base_model_version": base_model_version(version), "ss_model_version": version.name,
+        "ss_base_model_version": version.architecture, "ss_model_version": version.name,
         "ss_training_mode": mode.name, "ss_mixed_precision": args.mixed_precision, "ss_seed": args.seed,
         "ss_optimizer": args.optimizer_type + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
         "ss_max_grad_norm": args.max_grad_norm, "ss_fp8_base": bool(args.fp8_base),
@@ -72,11 +61,11 @@ def training_metadata(args, version: ModelVersion, mode, cached, configs, total_
 
 def modelspec(args, version: ModelVersion, is_lora: bool, resolution: tuple[int, int] | None) -> dict[str, str]:
     """SAI model spec 1.0.0 fields (title, architecture, date, resolution, ... and the --metadata_* options)."""
-    arch = args.metadata_arch or MODELSPEC_ARCH[version.name]
+    arch = args.metadata_arch or version.modelspec_arch
     if is_lora:
         arch += "/lora"
     md = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
-          "modelspec.implementation": IMPLEMENTATION.get(version.name, DEFAULT_IMPLEMENTATION),
+          "modelspec.implementation": version.implementation,
           "modelspec.title": args.metadata_title or args.output_name,
           "modelspec.date": datetime.datetime.fromtimestamp(int(time.time())).isoformat()}
     reso = args.metadata_reso

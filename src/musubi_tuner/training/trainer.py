@@ -33,7 +33,7 @@ from ..memory.attention import check_attention, set_attention
 from ..memory.placement import check_compile, load_dit_with_options
 from ..networks.lora_files import check_multipliers
 from ..qwen_image.model_files import expect
-from ..qwen_image.versions import ModelVersion
+from ..models.version import ModelVersion
 from .checkpoints import (
     TrainState, check_resume_settings, load_state, load_trainable, read_state_meta, rng_states, save_state,
 )
@@ -207,7 +207,7 @@ def validate(args, version: ModelVersion, mode: Mode) -> Checked:
         expect(args.vae, "--vae", "vae", version)
     if args.text_encoder:
         expect(args.text_encoder, "--text_encoder", "text_encoder", version)
-    if args.remove_first_image_from_target and not version.is_layered:
+    if args.remove_first_image_from_target and not version.layer_targets:
         raise UserError("--remove_first_image_from_target only applies to --model_version layered")
     check_ranges(args)
     check_validation_options(args)

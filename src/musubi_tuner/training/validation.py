@@ -16,7 +16,8 @@ import torch
 
 from ..dataset.loader import CachedItem, load_items
 from ..errors import UserError
-from .loss import per_sample_loss, target_latents
+from ..models.registry import family_of
+from .loss import per_sample_loss
 from .outputs import LossLog
 from .timesteps import sample_t, timestep_options
 
@@ -80,7 +81,7 @@ class Validator:
         t = torch.tensor(self.sigmas, dtype=torch.float32)
         for item in mine:
             batch = load_items([item], copies=len(self.sigmas))
-            x0, _ = target_latents(batch, version, args)
+            x0, _ = family_of(version).target_latents(batch, version, args)
             with accelerator.autocast():
                 losses = per_sample_loss(model, batch, version, args, t, self.noise(item, tuple(x0.shape[1:])),
                                          device, dtype)

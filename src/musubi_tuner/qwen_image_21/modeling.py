@@ -26,8 +26,8 @@ from accelerate import init_empty_weights
 from PIL import Image
 
 from ..errors import UserError
-from .model_files import COMFY_DIT_PREFIX, dit_blocks, expect
-from .weights import load_tensors
+from ..qwen_image.model_files import COMFY_DIT_PREFIX, dit_blocks, expect
+from ..qwen_image.weights import load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def load_dit(path, dtype=torch.bfloat16, device="cpu", disable_mmap=False, optio
     while streaming); fp8 and LoRA merging as for the other versions."""
     from diffusers import QwenImage21Transformer2DModel
 
-    from .dit import stream_weights
+    from ..qwen_image.dit import stream_weights
 
     info = expect(path, option, "dit", _version())
     shapes = {dit_key_map(k): v for k, v in info.shapes.items()}
@@ -461,7 +461,7 @@ def load_processor(tokenizer_path: str | None, text_encoder_path: str | None):
 def _version():
     from .versions import VERSIONS
 
-    return VERSIONS["2.1"]
+    return VERSIONS[0]
 
 
 # --- one sample ---------------------------------------------------------------------------------------------------
@@ -474,7 +474,7 @@ def denoise(model, cond: tuple[torch.Tensor, torch.Tensor], height: int, width: 
     """One image -> normalised latents (1, C, 1, h, w) float32 on the CPU. cond / uncond are one prompt's
     (embeddings, image-slot mask) from encode_prompts; conditions the normalised latents (1, C, 1, h_i, w_i) of the
     condition images in prompt order. CFG (uncond given, guidance_scale > 1) is neg + s * (cond - neg)."""
-    from .sampler import sample
+    from ..qwen_image.sampler import sample
 
     h, w = height // VAE_SCALE, width // VAE_SCALE
     channels = model.config.in_channels

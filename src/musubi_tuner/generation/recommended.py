@@ -46,7 +46,7 @@ def read(dit: str | Path | None) -> dict:
     """The DiT file's recommended settings ({} when it has none or is not readable: the normal checks report that)."""
     if not dit:
         return {}
-    from .model_files import inspect_file
+    from ..qwen_image.model_files import inspect_file
 
     try:
         text = inspect_file(dit, "--dit").metadata.get(METADATA_KEY)
