@@ -56,6 +56,9 @@ def test_documented_options_exist():
         known |= {s for a in mod.build_parser()._actions for s in a.option_strings}
     from musubi_tuner import demo
     from musubi_tuner.nano.__main__ import build_parser as nano_parser
+    from musubi_tuner.ui.server import build_parser as ui_parser
+
+    known |= {s for a in ui_parser()._actions for s in a.option_strings}
 
     known |= {"--input", "--output", "--target"}  # convert_lora.py
     known |= {s for a in demo._parser()._actions for s in a.option_strings}

@@ -285,8 +285,11 @@ def test_maskless_backend_splits_only_padded_batches():
     _grads(maskless, mask=torch.ones(2, 7, dtype=torch.long))
     assert calls == [2, 2]  # nothing padded: one batched call per block
 
+    from diffusers.models.attention_dispatch import attention_backend
+
     m = maskless()
-    m.set_attention_backend("_native_math")
+    with attention_backend("native"):  # diffusers' set_attention_backend is process-wide: restored on exit
+        m.set_attention_backend("_native_math")
     assert all(isinstance(b.attn.processor, SplitAttnProcessor) for b in m.transformer_blocks)
     assert {b.attn.processor.inner._attention_backend.value for b in m.transformer_blocks} == {"_native_math"}
 

@@ -330,6 +330,11 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
         values = read_config_file(args.config_file, parser)
         args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
     check_finite(parser, args)
+    from .models.locate import resolve_args
+
+    version = resolve_version(args.model_version, getattr(args, "edit", False), getattr(args, "edit_plus", False)) \
+        if hasattr(args, "model_version") else None
+    resolve_args(args, version)
     return apply_dynamo_options(args)
 
 

@@ -1,0 +1,3 @@
+from musubi_tuner.ui.server import main
+
+main()
