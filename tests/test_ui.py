@@ -245,3 +245,26 @@ def test_the_whole_flow_in_a_browser(tmp_path):
         server.should_exit = True
         thread.join(10)
         app.state.queue.close()
+
+
+def test_the_run_history_outlives_the_server(tmp_path):
+    """A restarted UI lists the earlier runs with their logs; one the server's end cut short reads "interrupted"."""
+    import json
+    import sys
+
+    from musubi_tuner.ui.runs import RunQueue
+
+    folder = tmp_path / "runs"
+    q = RunQueue(folder, tmp_path)
+    done = q.submit("x", "say hello", [sys.executable, "-c", "print('hello'); import sys; sys.exit(0)"])
+    assert q.wait_idle(60) and done.state == "done"
+    q.close()
+    records = json.loads((folder / "runs.json").read_text())
+    records.append({**records[0], "id": 2, "state": "running", "title": "cut short"})
+    (folder / "runs.json").write_text(json.dumps(records))
+    again = RunQueue(folder, tmp_path)
+    assert [(r.id, r.state) for r in again.runs] == [(1, "done"), (2, "interrupted")]
+    assert "hello" in again.runs[0].log and again.runs[0].public()["command"].startswith("python -c ")
+    assert again.submit("x", "next", [sys.executable, "-c", "pass"]).id == 3
+    assert again.wait_idle(60)
+    again.close()

@@ -1,10 +1,12 @@
 """A queue of runs: each is one of the real scripts in a subprocess (every check, lock and interrupted-state rule of
 the scripts applies), run one after another; its output is kept (and written to <project>/runs/<id>.log), its
 progress read off the script's progress bar. Stopping a running script sends SIGTERM, on which training saves an
-interrupted state and generation keeps its finished images."""
+interrupted state and generation keeps its finished images. The list of runs is kept in <project>/runs/runs.json, so
+a restarted UI shows the earlier runs, their results and logs (a run the server's end cut short reads "interrupted")."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -42,6 +44,11 @@ class Run:
         argv = ["python", *self.argv[1:]] if self.argv and self.argv[0] == sys.executable else self.argv
         return shlex.join(argv)
 
+    def record(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "title": self.title, "argv": self.argv, "info": self.info,
+                "state": self.state, "returncode": self.returncode, "started": self.started, "ended": self.ended,
+                "progress": self.progress}
+
     def public(self, log_lines: int = 0) -> dict:
         out = {"id": self.id, "kind": self.kind, "title": self.title, "state": self.state, "command": self.command_line,
                "returncode": self.returncode, "progress": self.progress, "info": self.info,
@@ -59,17 +66,48 @@ def python_module(module: str, *args: str) -> list[str]:
 class RunQueue:
     def __init__(self, folder: Path, cwd: Path):
         self.folder, self.cwd = Path(folder), Path(cwd)
-        self.runs: list[Run] = []
         self.lock = threading.Lock()
+        self.runs: list[Run] = self._load()
         self.wake = threading.Condition(self.lock)
         self.closed = False
         self.worker = threading.Thread(target=self._work, name="runs", daemon=True)
         self.worker.start()
 
+    def _load(self) -> list[Run]:
+        """The runs of earlier sessions of this project, with the tail of each log."""
+        path = self.folder / "runs.json"
+        try:
+            records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+        except (OSError, ValueError):
+            return []  # a damaged history is not worth refusing to start over
+        runs = []
+        for r in records:
+            run = Run(r["id"], r["kind"], r["title"], r["argv"], r.get("info", {}), r["state"], r.get("returncode"),
+                      r.get("started"), r.get("ended"), tuple(r["progress"]) if r.get("progress") else None)
+            if run.state in ("queued", "running", "stopping"):
+                run.state = "interrupted"
+            log = self._log_path(run)
+            if log.is_file():
+                run.log.extend(log.read_text(encoding="utf-8", errors="replace").splitlines()[1:])
+            runs.append(run)
+        return runs
+
+    def _save(self) -> None:
+        """runs.json, written whole (temp file + rename); called with the lock held."""
+        from ..fileio import atomic_path
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / "runs.json") as tmp:
+            tmp.write_text(json.dumps([r.record() for r in self.runs], indent=1), encoding="utf-8")
+
+    def _log_path(self, run: Run) -> Path:
+        return self.folder / f"{run.id:04d}_{run.kind}.log"
+
     def submit(self, kind: str, title: str, argv: list[str], **info) -> Run:
         with self.lock:
-            run = Run(len(self.runs) + 1, kind, title, argv, info)
+            run = Run(max((r.id for r in self.runs), default=0) + 1, kind, title, argv, info)
             self.runs.append(run)
+            self._save()
             self.wake.notify_all()
         return run
 
@@ -88,6 +126,7 @@ class RunQueue:
             elif run.state == "running" and run.process is not None:
                 run.state = "stopping"
                 run.process.send_signal(signal.SIGTERM)
+            self._save()
         return run
 
     def close(self) -> None:
@@ -113,6 +152,7 @@ class RunQueue:
                 run = next((r for r in self.runs if r.state == "queued"), None)
                 if run is not None:
                     run.state, run.started = "running", time.time()
+                    self._save()
                     return run
                 self.wake.wait(1.0)
         return None
@@ -124,15 +164,16 @@ class RunQueue:
     def _execute(self, run: Run) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        log_path = self.folder / f"{run.id:04d}_{run.kind}.log"
-        with log_path.open("w", encoding="utf-8") as log_file:
+        with self._log_path(run).open("w", encoding="utf-8") as log_file:
             log_file.write(run.command_line + "\n")
             try:
                 proc = subprocess.Popen(run.argv, cwd=self.cwd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as e:
                 run.log.append(f"error: cannot start {run.argv[0]}: {e}")
-                run.state, run.ended = "failed", time.time()
+                with self.lock:
+                    run.state, run.ended = "failed", time.time()
+                    self._save()
                 return
             run.process = proc
             buffer = b""
@@ -149,6 +190,7 @@ class RunQueue:
             run.state = "stopped" if stopped else "done" if run.returncode == 0 else "failed"
             run.ended = time.time()
             run.process = None
+            self._save()
 
     @staticmethod
     def _line(run: Run, line: str, log_file) -> None:
