@@ -268,3 +268,14 @@ def test_the_run_history_outlives_the_server(tmp_path):
     assert again.submit("x", "next", [sys.executable, "-c", "pass"]).id == 3
     assert again.wait_idle(60)
     again.close()
+
+
+def test_edit_generation_takes_the_control_image(ui):
+    ok(ui.post("/api/settings", json={"model_version": "edit-2511"}))
+    view = ok(ui.post("/api/dataset/nano", json={"items": 2}))
+    control = view["items"][0]["controls"][0]
+    assert "give a control image" in error_of(ui.post("/api/generate", json={"prompt": "make it large"}))
+    runs = ok(ui.post("/api/generate", json={"prompt": "make it large", "seed": 2, "controls": [control]}))["runs"]
+    assert len(runs) == 1 and f"--control_image_path {control}" in runs[0]["command"]
+    done = wait(ui, runs[0]["id"])
+    assert done["state"] == "done" and len(done["results"]["images"]) == 1, done["log"][-3:]

@@ -238,8 +238,11 @@ class Project:
         return self.output_dir() / f"{self.settings['training']['output_name']}.safetensors"
 
     def generation_command(self, prompt: str, seed: int, save_path: Path, lora: str | None,
-                           multiplier: float = 1.0) -> list[str]:
+                           multiplier: float = 1.0, controls: list[str] = ()) -> list[str]:
+        """Edit versions take the control images (--control_image_path), layered the image to decompose."""
         args = [*self.model_args(), "--prompt", prompt, "--seed", str(int(seed)), "--save_path", str(save_path)]
+        if controls:
+            args += ["--control_image_path", *controls]
         if lora:
             args += ["--lora_weight", lora, "--lora_multiplier", str(float(multiplier))]
         return python_module("musubi_tuner.qwen_image_generate_image", *args)

@@ -114,8 +114,9 @@ def run_results(project: Project, run) -> dict:
         samples = sorted((folder / "sample").glob("*.png"), key=lambda p: p.stat().st_mtime)
         out["samples"] = [str(p) for p in samples]
         out["lora"] = str(folder / f"{name}.safetensors") if (folder / f"{name}.safetensors").is_file() else None
-    if run.kind == "generate":
-        out["images"] = [str(p) for p in sorted(Path(info["save_path"]).glob("*.png"))]
+    if run.kind == "generate":  # layered: the composite first, then the layers
+        out["images"] = [str(p) for p in sorted(Path(info["save_path"]).glob("*.png"),
+                                                key=lambda p: ("_layer" in p.stem, p.name))]
     return out
 
 
@@ -240,21 +241,28 @@ def create_app(project_folder: Path, hosts: set[str] | None = None):
         return {"runs": [*runs, run.public()]}
 
     @app.post("/api/generate")
-    def generate(prompt: str = Body(...), seed: int = Body(1), lora: str | None = Body(None),
-                 multiplier: float = Body(1.0)):
-        """Before / after: the same prompt and seed without and with the LoRA."""
-        if not prompt.strip():
+    def generate(prompt: str = Body(""), seed: int = Body(1), lora: str | None = Body(None),
+                 multiplier: float = Body(1.0), controls: list[str] = Body([])):
+        """Before / after: the same prompt, seed (and control images) without and with the LoRA."""
+        version = project.version
+        if not prompt.strip() and not (version.layer_targets and controls):
             raise UserError("give a prompt")
+        if version.controls == "required" and not controls:
+            raise UserError(f"{version.name} edits an image: give a control image")
         if lora and not Path(lora).is_file():
             raise UserError(f"LoRA {lora}: file not found (train first, or give the path of a LoRA file)")
+        for c in controls:
+            if not Path(c).is_file():
+                raise UserError(f"control image {c}: file not found")
         n = len(queue.runs) + 1
         out = project.folder / "generated" / f"{n:04d}"
         runs = [queue.submit("generate", f"generate (base) seed {seed}",
-                             project.generation_command(prompt, seed, out / "base", None), save_path=str(out / "base"),
+                             project.generation_command(prompt, seed, out / "base", None, controls=controls),
+                             save_path=str(out / "base"),
                              side="base", group=n)]
         if lora:
             runs.append(queue.submit("generate", f"generate (LoRA) seed {seed}",
-                                     project.generation_command(prompt, seed, out / "lora", lora, multiplier),
+                                     project.generation_command(prompt, seed, out / "lora", lora, multiplier, controls),
                                      save_path=str(out / "lora"), side="lora", group=n))
         return {"runs": [r.public() for r in runs]}
 

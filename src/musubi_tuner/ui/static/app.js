@@ -212,7 +212,7 @@ function showComparisons(runs) {
   if (latest === undefined) return;
   Promise.all(groups[latest].map((r) => api(`/api/runs/${r.id}`))).then((details) => {
     $("compare").innerHTML = details.map((d) => {
-      const img = (d.results.images || [])[0];
+      const img = (d.results.images || [])[0];  // layered: the composite
       const label = d.info.side === "lora" ? "with the LoRA" : "base model";
       return `<figure>${img ? `<img src="${imageUrl(img)}" alt="${label}">` : `<p class="muted">${d.state}</p>`}
         <figcaption>${label}</figcaption></figure>`;
@@ -222,7 +222,8 @@ function showComparisons(runs) {
 
 async function generate() {
   const body = {prompt: $("gen_prompt").value, seed: Number($("gen_seed").value),
-                lora: $("gen_lora").value || null, multiplier: Number($("gen_multiplier").value)};
+                lora: $("gen_lora").value || null, multiplier: Number($("gen_multiplier").value),
+                controls: $("gen_control").value.trim() ? [$("gen_control").value.trim()] : []};
   await api("/api/generate", body);
   say("generation queued (base and LoRA, same seed)");
   refreshRuns();
