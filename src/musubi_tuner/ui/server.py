@@ -21,7 +21,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 logger = logging.getLogger(__name__)
 
 
-def check_models(project: Project) -> dict:
+def model_report(project: Project) -> dict:
     """Each model option resolved (ComfyUI folder, hub repo id) and checked from its header; the DiT's version."""
     from ..models.locate import is_repo_id, locate
     from ..qwen_image.model_files import SUBFOLDER, expect, inspect_file
@@ -175,7 +175,7 @@ def create_app(project_folder: Path, hosts: set[str] | None = None):
 
     @app.get("/api/models")
     def models():
-        return check_models(project)
+        return model_report(project)
 
     @app.post("/api/models/download")
     def download(repo: str = Body(..., embed=True)):
