@@ -104,6 +104,8 @@ def test_memory_plan(ui):
     nano = ok(ui.post("/api/memory", json={"gpu_gib": 8}))
     assert nano["fits"] and "--blocks_to_swap" not in nano["options"] and nano["layers"] == 4
     assert "give the card's memory" in error_of(ui.post("/api/memory", json={"gpu_gib": 0}))
+    ok(ui.post("/api/settings", json={"model_version": "2.1"}))
+    assert "does not cover Qwen-Image-2.1" in error_of(ui.post("/api/memory", json={"gpu_gib": 24}))
 
 
 def test_memory_plan_of_the_20b_model():

@@ -26,6 +26,7 @@ class ModelFamily(Protocol):
     name: str
     attention_options: dict  # keyword arguments of memory.attention.set_attention for its DiT
     comfy_single_file: bool  # merged single-file DiTs are written with ComfyUI's prefix (and can be scaled fp8)
+    memory_estimate: bool  # memory/estimate.py can build its DiT (the web UI's memory plan)
 
     # loaders
     def load_dit(self, path, version: ModelVersion, dtype: torch.dtype, device, **options) -> torch.nn.Module: ...

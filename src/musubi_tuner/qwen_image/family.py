@@ -10,6 +10,7 @@ class QwenImageFamily:
     name = "qwen_image"
     attention_options: dict = {}
     comfy_single_file = True
+    memory_estimate = True  # memory/estimate.py builds its DiT
 
     # loaders
     def load_dit(self, path, version: ModelVersion, dtype, device, **options):

@@ -18,6 +18,7 @@ class QwenImage21Family:
     name = "qwen_image_21"
     attention_options = {"split_masked": False}  # its processors pass block-causal masks to SDPA themselves
     comfy_single_file = False  # its model holds diffusers names (its ComfyUI files fuse gate_up)
+    memory_estimate = False  # memory/estimate.py builds Qwen-Image's DiT only
 
     # loaders
     def load_dit(self, path, version: ModelVersion, dtype, device, **options):

@@ -80,8 +80,12 @@ def memory_plan(project: Project, gpu_gib: float) -> dict:
     from ..qwen_image.dit import infer_dit_config
     from ..qwen_image.model_files import expect
 
+    from ..models.registry import family_of
+
     if not 1 <= gpu_gib <= 2048:
         raise UserError(f"GPU memory {gpu_gib} GiB: give the card's memory in GiB (e.g. 24)")
+    if not family_of(project.version).memory_estimate:
+        raise UserError(f"the memory plan does not cover {project.version.modelspec_arch} yet; see docs/memory.md")
     info = expect(project.model_paths()["dit"], "--dit", "dit", project.version)
     config = infer_dit_config(info.dit_shapes)
     layers = config.pop("num_layers")
