@@ -189,7 +189,8 @@ def test_edit_dataset_shows_controls_and_captioning_runs_the_tool(ui):
 def test_a_failed_run_shows_its_error_line(ui):
     ok(ui.post("/api/dataset/nano", json={"items": 4}))
     small_run(ui, extra_options="--network_dim_typo 3")
-    runs = ok(ui.post("/api/train", json={}))["runs"]
+    runs = ok(ui.post("/api/train", json={"cache": False}))["runs"]
+    assert [r["kind"] for r in runs] == ["train"]
     failed = wait(ui, runs[-1]["id"])
     assert failed["state"] == "failed" and "error: unrecognized arguments" in failed["error"] and "--network_dim_typo" in failed["error"]
     assert "nothing to resume" in error_of(ui.post("/api/train", json={"resume": True}))
