@@ -93,4 +93,4 @@ def test_unknown_repo_is_one_line(tmp_path, offline_hub, capsys):
     with pytest.raises(SystemExit):
         generate_main(["--dit", "nobody/nothing", "--prompt", "x", "--save_path", str(tmp_path / "o")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "--dit nobody/nothing" in err[0] and "local path" in err[0], err
+    assert len(err) == 1 and "--dit nobody/nothing" in err[0] and "no such file or folder here" in err[0], err

@@ -45,9 +45,9 @@ def hub_snapshot(repo_id: str, patterns: list[str], option: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, disk
-        raise UserError(f"{option} {repo_id}: not in the Hugging Face cache and cannot be downloaded "
-                        f"({type(e).__name__}); check the repo id and the connection (gated repos need "
-                        "`hf auth login`), or pass a local path") from None
+        raise UserError(f"{option} {repo_id}: no such file or folder here, and not a Hugging Face repo in the cache "
+                        f"that can be downloaded ({type(e).__name__}); check the path, or the repo id and the "
+                        "connection (gated repos need `hf auth login`)") from None
 
 
 def comfy_candidates(folder: Path, kind: str) -> list[Path]:
