@@ -94,3 +94,15 @@ def test_unknown_repo_is_one_line(tmp_path, offline_hub, capsys):
         generate_main(["--dit", "nobody/nothing", "--prompt", "x", "--save_path", str(tmp_path / "o")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "--dit nobody/nothing" in err[0] and "no such file or folder here" in err[0], err
+
+
+def test_fetch_command_reads_the_cache_and_refuses_a_non_repo(tmp_path, offline_hub, capsys):
+    from musubi_tuner.models.locate import main as fetch_main
+
+    models = write_tiny_models(tmp_path / "tiny")
+    cache, snap = hub_cache(tmp_path, models)
+    offline_hub(cache)
+    assert fetch_main(["Qwen/Qwen-Image"]) == snap
+    with pytest.raises(SystemExit):
+        fetch_main(["not-a-repo"])
+    assert "error: 'not-a-repo' is not a Hugging Face repo id" in capsys.readouterr().err

@@ -44,9 +44,14 @@ def small_run(ui, steps=4, every=2, **training):
                                                    "sample_every_n_steps": every, **training}}))
 
 
-def test_listens_on_localhost_unless_asked():
+def test_listens_on_localhost_unless_asked(capsys):
+    from musubi_tuner.ui.server import main
+
     args = build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.port == 7860
+    with pytest.raises(SystemExit):
+        main(["--port", "0"])
+    assert "error: --port 0: give 1 to 65535" in capsys.readouterr().err
 
 
 def test_only_this_machine_drives_it(ui):

@@ -155,16 +155,19 @@ def cache_text_encoder_outputs(args: argparse.Namespace, version: ModelVersion) 
                                              args.skip_existing, "text")
     device, dtype = compute_setup(args.device)
     workers = getattr(args, "num_workers", None) or 1
-    reads_images = [e for e in todo if version.uses_controls and e[0].controls]
-    plain = [e for e in todo if not (version.uses_controls and e[0].controls)]
-    batches = [plain[i:i + args.batch_size] for i in range(0, len(plain), args.batch_size)] + [[e] for e in reads_images]
+    def reads_images(entry) -> bool:  # the prompt shows the item's control images to the text encoder
+        return version.uses_controls and bool(entry[0].controls)
+
+    plain = [e for e in todo if not reads_images(e)]
+    batches = [plain[i:i + args.batch_size] for i in range(0, len(plain), args.batch_size)]
+    batches += [[e] for e in todo if reads_images(e)]
     encode = None
     with tqdm(total=len(todo), desc="caching text encoder outputs", unit="item") as bar:
         for batch in batches:
             if encode is None:
                 encode = family_of(version).cache_text_encoder(args, version, device, dtype)
             images = None
-            if version.uses_controls and batch[0][0].controls:  # one item: its prompt reads its images
+            if reads_images(batch[0]):  # a batch of one
                 images = next(_prepared(batch, version, workers, with_targets=False))[1].control_images
             encoded = encode([it.caption for it, _, _ in batch], images)
             for (item, path, meta), (e, extra) in zip(batch, encoded):

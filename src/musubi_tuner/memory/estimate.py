@@ -233,18 +233,15 @@ def plan(gpu_gib: float, layers: int, size: int, text_tokens: int = 128, rank: i
     step = max(1, layers // 8)
     candidates += [dict(fp8=True, swap=s, checkpointing=True) for s in range(step, layers, step)]
     candidates.append(dict(fp8=True, swap=layers - 1, checkpointing=True))
-    tried, chosen = [], None
+    tried = []
     for c in candidates:
         est = quick_estimate(layers, size, text_tokens, rank, optimizer=optimizer, dit_config=dit_config, **c)
         tried.append({**c, "batch": 1, "total_gib": round(est["total_gib"], 2)})
         if est["total_gib"] <= budget:
-            chosen = (c, est, 1)
             break
-    if chosen is None:
-        c = candidates[-1]
-        est = quick_estimate(layers, size, text_tokens, rank, optimizer=optimizer, dit_config=dit_config, **c)
+    else:  # not even every option fits: the last set, the closest
         return Plan(False, options_of(c, optimizer), 1, est, tried)
-    c, est, batch = chosen
+    batch = 1
     for b in range(2, max_batch + 1):
         bigger = quick_estimate(layers, size, text_tokens, rank, optimizer=optimizer, batch=b, dit_config=dit_config,
                                 **c)

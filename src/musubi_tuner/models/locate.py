@@ -32,15 +32,24 @@ def is_comfy_models_folder(path: Path) -> bool:
     return any((path / sub).is_dir() for sub in ("diffusion_models", "unet", "text_encoders", "clip"))
 
 
+def cached_snapshot(repo_id: str, patterns: list[str]) -> Path | None:
+    """The snapshot folder of `repo_id` in the hub cache, without the network; None when it is not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache (or incomplete)
+        return None
+
+
 def hub_snapshot(repo_id: str, patterns: list[str], option: str) -> Path:
     """The local snapshot folder of `repo_id` holding `patterns`: from the hub cache when it is there (no network),
     else downloaded into it (huggingface_hub's progress bars)."""
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not in the cache (or incomplete): fetch it
-        pass
+    cached = cached_snapshot(repo_id, patterns)
+    if cached is not None:
+        return cached
     print(f"{option} {repo_id}: downloading {', '.join(patterns[:1])} from the Hugging Face hub into its cache")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -48,6 +57,11 @@ def hub_snapshot(repo_id: str, patterns: list[str], option: str) -> Path:
         raise UserError(f"{option} {repo_id}: no such file or folder here, and not a Hugging Face repo in the cache "
                         f"that can be downloaded ({type(e).__name__}); check the path, or the repo id and the "
                         "connection (gated repos need `hf auth login`)") from None
+
+
+def hub_patterns(kind: str) -> list[str]:
+    """What a model option takes from a repo: the kind's folder and the files read beside it."""
+    return [f"{HUB_FOLDERS[kind]}/*", *HUB_SIDE_FILES]
 
 
 def comfy_candidates(folder: Path, kind: str) -> list[Path]:
@@ -81,7 +95,7 @@ def locate(value: str | None, kind: str, version: ModelVersion | None = None) ->
                             "one you mean")
         return str(found[0])
     if is_repo_id(value):
-        snapshot = hub_snapshot(value, [f"{HUB_FOLDERS[kind]}/*", *HUB_SIDE_FILES], option)
+        snapshot = hub_snapshot(value, hub_patterns(kind), option)
         folder = snapshot / HUB_FOLDERS[kind]
         if not folder.is_dir():
             raise UserError(f"{option} {value}: the repo has no {HUB_FOLDERS[kind]}/ folder (not a diffusers "

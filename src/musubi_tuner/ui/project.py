@@ -140,50 +140,60 @@ class Project:
         self.update({"dataset": {"config": str(toml)}})
         return toml
 
-    def dataset_view(self) -> dict:
-        """Items (image, caption, controls, layers), images per bucket and the TOML, as the scripts will read them."""
+    def items(self) -> tuple[Path, list]:
+        """(the dataset TOML, its items) as the scripts will read them."""
         from ..dataset.config import load_dataset_config
         from ..dataset.items import collect_items
-        from ..dataset.prepare import target_bucket
 
         toml = self.dataset_config()
+        return toml, collect_items(load_dataset_config(str(toml)), self.version)
+
+    def dataset_view(self) -> dict:
+        """Items (image, caption, controls, layers), images per bucket and the TOML."""
+        from ..dataset.prepare import target_bucket
+
+        toml, items = self.items()
         version = self.version
-        items = collect_items(load_dataset_config(str(toml)), version)
         buckets = Counter(f"{w}x{h}" for w, h in (target_bucket(it, version.bucket_step) for it in items))
         view = []
         for it in items:
-            target = it.targets[0]
-            cfg = it.config
-            caption_file = target.with_suffix(cfg.caption_extension) if cfg.image_directory else None
-            view.append({"key": it.key, "image": str(target), "caption": it.caption,
+            caption_file = self.caption_file(it)
+            view.append({"key": it.key, "image": str(it.targets[0]), "caption": it.caption,
                          "caption_file": str(caption_file) if caption_file else None,
                          "controls": [str(c) for c in it.controls], "layers": [str(p) for p in it.targets[1:]],
-                         "dataset": cfg.index})
+                         "dataset": it.config.index})
         return {"toml_path": str(toml), "toml": toml.read_text(encoding="utf-8"), "items": view,
                 "buckets": dict(sorted(buckets.items(), key=lambda kv: -kv[1]))}
 
+    @staticmethod
+    def caption_file(item) -> Path | None:
+        """Where an item's caption is kept: beside the image (image folders); None for JSONL datasets."""
+        return item.targets[0].with_suffix(item.config.caption_extension) if item.config.image_directory else None
+
     def save_caption(self, image: str, caption: str) -> Path:
-        view = {i["image"]: i for i in self.dataset_view()["items"]}
-        item = view.get(str(Path(image)))
+        item = next((it for it in self.items()[1] if str(it.targets[0]) == str(Path(image))), None)
         if item is None:
             raise UserError(f"{image} is not an image of the dataset")
-        if not item["caption_file"]:
+        path = self.caption_file(item)
+        if path is None:
             raise UserError(f"{image}: its caption is in the JSONL file; edit it there")
-        path = Path(item["caption_file"])
         with atomic_path(path) as tmp:
             tmp.write_text(caption.strip() + "\n", encoding="utf-8")
         return path
 
     def image_folders(self) -> list[Path]:
-        """Folders whose images the page may show: the project and the dataset's folders."""
-        roots = [self.folder]
-        try:
-            from ..dataset.config import load_dataset_config
+        """Folders whose images the page may show: the project and the dataset's folders (read from the settings or
+        the TOML in use; nothing is written to serve an image)."""
+        d = self.settings["dataset"]
+        roots = [self.folder] + [Path(p).expanduser() for p in (d["image_directory"], d["control_directory"]) if p]
+        if d["config"]:
+            try:
+                from ..dataset.config import load_dataset_config
 
-            for cfg in load_dataset_config(str(self.dataset_config())):
-                roots += [Path(p) for p in (cfg.image_directory, cfg.control_directory) if p]
-        except UserError:
-            pass
+                for cfg in load_dataset_config(d["config"]):
+                    roots += [Path(p) for p in (cfg.image_directory, cfg.control_directory) if p]
+            except UserError:
+                pass
         return roots
 
     # commands ------------------------------------------------------------------------------------------------------
@@ -233,6 +243,46 @@ class Project:
         name = self.settings["training"]["output_name"]
         states = [p for p in self.output_dir().glob(f"{name}*-state") if p.is_dir()]
         return max(states, key=lambda p: p.stat().st_mtime) if states else None
+
+    def caption_commands(self, overwrite: bool = False) -> list[tuple[str, list[str]]]:
+        """(title, argv) of the captioning tool for each image folder of the dataset."""
+        paths = self.model_paths()
+        out = []
+        for cfg in self.dataset_configs():
+            if cfg.image_directory:
+                out.append((f"caption {Path(cfg.image_directory).name}", python_module(
+                    "musubi_tuner.caption_images_by_qwen_vl", "--image_dir", cfg.image_directory, "--model_path",
+                    paths["text_encoder"], "--output_format", "text", "--caption_extension", cfg.caption_extension,
+                    *(["--tokenizer", paths["tokenizer"]] if paths.get("tokenizer") else []),
+                    *(["--overwrite"] if overwrite else []))))
+        return out
+
+    def dataset_configs(self) -> list:
+        """The [[datasets]] entries of the TOML in use."""
+        from ..dataset.config import load_dataset_config
+
+        return load_dataset_config(str(self.dataset_config()))
+
+    def tool_command(self, name: str, lora: str, output: str = "", files: list[str] = ()) -> list[str]:
+        """convert (to diffusers), ema (post-hoc EMA of the run's step checkpoints) or merge (into the DiT)."""
+        if not Path(lora).is_file():
+            raise UserError(f"LoRA {lora}: file not found")
+        stem = Path(lora).with_suffix("")
+        if name == "convert":
+            return python_module("musubi_tuner.convert_lora", "--input", lora, "--output",
+                                 output or f"{stem}_diffusers.safetensors", "--target", "diffusers")
+        if name == "ema":
+            checkpoints = list(files) or sorted(str(p) for p in Path(lora).parent.glob(f"{stem.name}-step*.safetensors"))
+            if not checkpoints:
+                raise UserError(f"post-hoc EMA needs the run's checkpoints ({stem.name}-step*.safetensors); save "
+                                "every N steps while training")
+            return python_module("musubi_tuner.lora_post_hoc_ema", *checkpoints, lora, "--output_file",
+                                 output or f"{stem}_ema.safetensors")
+        if name == "merge":
+            return python_module("musubi_tuner.merge_lora", "--dit", self.model_paths()["dit"], "--lora_weight", lora,
+                                 "--save_merged_model", output or str(self.folder / "merged_dit.safetensors"),
+                                 "--model_version", self.settings["model_version"])
+        raise UserError(f"unknown tool {name!r}: convert, ema or merge")
 
     def lora_path(self) -> Path:
         return self.output_dir() / f"{self.settings['training']['output_name']}.safetensors"

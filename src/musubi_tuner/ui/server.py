@@ -22,9 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def model_report(project: Project) -> dict:
-    """Each model option resolved (ComfyUI folder, hub repo id) and checked from its header; the DiT's version."""
-    from ..models.locate import is_repo_id, locate
-    from ..qwen_image.model_files import SUBFOLDER, expect, inspect_file
+    """Each model option resolved (ComfyUI folder, hub repo id) and checked from its header; the versions the DiT
+    fits (the scripts' own check, version by version: Edit and Edit-2509 DiTs have the same keys as the original)."""
+    from ..models.locate import cached_snapshot, fits, hub_patterns, is_repo_id, locate
+    from ..models.registry import VERSIONS
+    from ..qwen_image.model_files import expect
 
     version = project.version
     out: dict = {"nano": project.uses_nano(), "version": version.name, "files": {}, "ok": True}
@@ -36,43 +38,21 @@ def model_report(project: Project) -> dict:
         value = paths[kind]
         entry = {"value": value}
         try:
-            if is_repo_id(value):
-                from huggingface_hub import snapshot_download
-
-                try:
-                    snapshot_download(value, allow_patterns=[f"{SUBFOLDER[kind]}/*"], local_files_only=True)
-                except Exception:  # noqa: BLE001 - not downloaded yet
-                    entry.update(ok=False, download=value,
-                                 error=f"{value} is not in the Hugging Face cache yet: download it (queued as a run)")
-                    out["files"][kind], out["ok"] = entry, False
-                    continue
+            if is_repo_id(value) and cached_snapshot(value, hub_patterns(kind)) is None:
+                entry.update(ok=False, download=value,
+                             error=f"{value} is not in the Hugging Face cache yet: download it (queued as a run)")
+                out["files"][kind], out["ok"] = entry, False
+                continue
             path = locate(value, kind, version)
             info = expect(path, f"--{kind}", kind, version)
             entry.update(ok=True, path=path, what=info.describe())
             if kind == "dit":
-                entry["detected"] = detected_versions(inspect_file(path, "--dit", SUBFOLDER["dit"]))
+                entry["detected"] = [name for name, v in VERSIONS.items() if fits(Path(path), "dit", v)]
         except UserError as e:
             entry.update(ok=False, error=str(e))
             out["ok"] = False
         out["files"][kind] = entry
     return out
-
-
-def detected_versions(info) -> list[str]:
-    """The --model_version values a DiT file can serve, read from its keys (Edit and Edit-2509 DiTs have the same
-    keys as the original)."""
-    from ..models.registry import VERSIONS, family_of
-
-    fits = []
-    for name, v in VERSIONS.items():
-        if not family_of(v).accepts_file(info):
-            continue
-        if v.additional_t_cond != info.layered:
-            continue
-        if info.zero_cond_marker and not v.zero_cond_t:
-            continue
-        fits.append(name)
-    return fits
 
 
 def memory_plan(project: Project, gpu_gib: float) -> dict:
@@ -208,20 +188,8 @@ def create_app(project_folder: Path, hosts: set[str] | None = None):
 
     @app.post("/api/dataset/autocaption")
     def autocaption(overwrite: bool = Body(False, embed=True)):
-        from ..dataset.config import load_dataset_config
-
-        paths = project.model_paths()
-        runs = []
-        for cfg in load_dataset_config(str(project.dataset_config())):
-            if not cfg.image_directory:
-                continue
-            argv = python_module("musubi_tuner.caption_images_by_qwen_vl", "--image_dir", cfg.image_directory,
-                                 "--model_path", paths["text_encoder"], "--output_format", "text",
-                                 "--caption_extension", cfg.caption_extension,
-                                 *(["--tokenizer", paths["tokenizer"]] if paths.get("tokenizer") else []),
-                                 *(["--overwrite"] if overwrite else []))
-            runs.append(queue.submit("caption", f"caption {Path(cfg.image_directory).name}", argv).public())
-        return {"runs": runs}
+        return {"runs": [queue.submit("caption", title, argv).public()
+                         for title, argv in project.caption_commands(overwrite)]}
 
     @app.post("/api/memory")
     def memory(gpu_gib: float = Body(..., embed=True)):
@@ -273,26 +241,7 @@ def create_app(project_folder: Path, hosts: set[str] | None = None):
     @app.post("/api/tool")
     def tool(name: str = Body(...), lora: str = Body(...), output: str = Body(""), files: list[str] = Body([])):
         """convert (to diffusers), ema (post-hoc EMA of the run's checkpoints) or merge (into the DiT)."""
-        if not Path(lora).is_file():
-            raise UserError(f"LoRA {lora}: file not found")
-        stem = Path(lora).with_suffix("")
-        if name == "convert":
-            argv = python_module("musubi_tuner.convert_lora", "--input", lora, "--output",
-                                 output or f"{stem}_diffusers.safetensors", "--target", "diffusers")
-        elif name == "ema":
-            checkpoints = files or sorted(str(p) for p in Path(lora).parent.glob(f"{stem.name}-step*.safetensors"))
-            if not checkpoints:
-                raise UserError(f"post-hoc EMA needs the run's checkpoints ({stem.name}-step*.safetensors); save "
-                                "every N steps while training")
-            argv = python_module("musubi_tuner.lora_post_hoc_ema", *checkpoints, lora, "--output_file",
-                                 output or f"{stem}_ema.safetensors")
-        elif name == "merge":
-            paths = project.model_paths()
-            argv = python_module("musubi_tuner.merge_lora", "--dit", paths["dit"], "--lora_weight", lora,
-                                 "--save_merged_model", output or str(project.folder / "merged_dit.safetensors"),
-                                 "--model_version", project.settings["model_version"])
-        else:
-            raise UserError(f"unknown tool {name!r}: convert, ema or merge")
+        argv = project.tool_command(name, lora, output, files)
         return queue.submit(name, f"{name} {Path(lora).name}", argv).public()
 
     @app.get("/api/runs")
